@@ -1,0 +1,50 @@
+"""Console-wide request handling: the first-run redirect and the Content-Security-Policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.urls import reverse
+
+from lazycat.core.models import Box
+
+# Everything the console needs comes from this origin: no inline script, no eval (htmx runs
+# with allowEval off), styles from our own stylesheet; the browser socket is same-origin.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "object-src 'none'"
+)
+
+
+class ContentSecurityPolicyMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        return response
+
+
+class SetupRequiredMiddleware:
+    """Until the box has a name and an owner, every page leads to the setup page.
+
+    Once set up, the setup page is gone for good (it would otherwise let anyone who reaches the
+    console create a second owner). Checked against the database only until it is set up.
+    """
+
+    EXEMPT_PREFIXES = ("/setup/", "/static/", "/healthz", "/readyz", "/metrics")
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+        self.set_up = False
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if not self.set_up:
+            self.set_up = Box.objects.exists()
+        if not self.set_up and not request.path.startswith(self.EXEMPT_PREFIXES):
+            return redirect(reverse("core:setup"))
+        return self.get_response(request)

@@ -1,0 +1,95 @@
+"""The service form: every rule a service must satisfy, with messages that say what to fix."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from typing import Any
+
+from django import forms
+
+from lazycat.devices.models import Device, DeviceStatus
+from lazycat.services.models import Service
+from transport import names
+from transport.addressing import OVERLAY
+from transport.ports import PortPolicy, PortPolicyError
+
+
+class ServiceForm(forms.ModelForm):  # type: ignore[type-arg]
+    ports = forms.CharField(
+        initial="all",
+        help_text="e.g. 'tcp 22, 80, 8000-8100; udp 53', or 'all' for every TCP and UDP port.",
+    )
+    exclude_ports = forms.CharField(
+        required=False, help_text="Ports to leave out of the above, same syntax: 'tcp 8050'."
+    )
+    allowed_devices = forms.ModelMultipleChoiceField(
+        queryset=Device.objects.filter(status=DeviceStatus.APPROVED),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Used when access is limited to chosen devices.",
+    )
+
+    class Meta:
+        model = Service
+        fields = ["kind", "name", "target", "ports", "exclude_ports", "access_all", "allowed_devices"]
+        labels = {
+            "access_all": "All approved devices may reach it",
+            "target": "Target address",
+        }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["target"].help_text = (
+            "Where the service listens on the box's LAN, IPv4 or IPv6 (e.g. 192.168.1.20)."
+        )
+        self.fields["name"].help_text = "Becomes <name>.<box>.heiyu.space."
+
+    def clean_name(self) -> str:
+        try:
+            label = names.validate_label(self.cleaned_data["name"])
+        except names.InvalidName as exc:
+            raise forms.ValidationError(str(exc)) from None
+        others = Service.objects.filter(name=label)
+        if self.instance.pk:
+            others = others.exclude(pk=self.instance.pk)
+        if others.exists():
+            raise forms.ValidationError(f"A service is already called {label}.")
+        if Device.objects.filter(label=label).exists():
+            raise forms.ValidationError(
+                f"A device is already called {label} ({label}.<box>.heiyu.space): choose "
+                "another name or rename the device."
+            )
+        return label
+
+    def clean_target(self) -> str:
+        raw = str(self.cleaned_data["target"])
+        address = ip_address(raw)
+        if address.is_unspecified or address.is_multicast:
+            raise forms.ValidationError(f"{raw} cannot be a service address.")
+        if address.version == 6 and address in OVERLAY:
+            raise forms.ValidationError(
+                f"{raw} is an overlay address; give the service's address on the box's LAN."
+            )
+        return str(address)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        ports, exclude = data.get("ports"), data.get("exclude_ports") or ""
+        if ports is not None:
+            # Parsed twice so each message lands under the field that has the problem.
+            try:
+                PortPolicy.parse(ports)
+                try:
+                    policy = PortPolicy.parse(ports, exclude)
+                except PortPolicyError as exc:
+                    self.add_error("exclude_ports", str(exc))
+                else:
+                    data["ports"], data["exclude_ports"] = policy.allow_text, policy.exclude_text
+            except PortPolicyError as exc:
+                self.add_error("ports", str(exc))
+        if data.get("access_all") is False and not data.get("allowed_devices"):
+            self.add_error(
+                "allowed_devices",
+                "Choose at least one device, or let all approved devices reach it.",
+            )
+        return data
