@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # sun_path is 108 bytes on Linux including the trailing NUL; a longer path cannot be bound, and
 # redis-server's own error for it is cryptic, so it is checked up front.
@@ -93,7 +95,7 @@ def _load_prctl() -> Callable[[int, int], int] | None:
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl  # type: ignore[no-any-return]
+        return libc.prctl
     except (OSError, AttributeError):
         return None
 
@@ -109,7 +111,12 @@ def die_with_parent_hook() -> Callable[[], None] | None:
 def ping(socket_path: Path, timeout: float = 0.5) -> bool:
     """True when a Redis server answers PING on this unix socket."""
     client = redis.Redis(
-        unix_socket_path=str(socket_path), socket_timeout=timeout, socket_connect_timeout=timeout
+        unix_socket_path=str(socket_path),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # One try: callers poll in their own loop, and redis-py's default retries with backoff
+        # would turn "nobody is there" into seconds of waiting.
+        retry=Retry(NoBackoff(), 0),
     )
     try:
         return bool(client.ping())
@@ -117,6 +124,43 @@ def ping(socket_path: Path, timeout: float = 0.5) -> bool:
         return False
     finally:
         client.close()
+
+
+def _socket_accepts(socket_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(os.fspath(socket_path))
+        except OSError:
+            return False
+        return True
+
+
+def clear_stale_socket(socket_path: Path) -> None:
+    """Remove a socket file left by a crashed run, but never one a live server answers on."""
+    try:
+        mode = socket_path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise EmbeddedRedisError(f"{socket_path} exists and is not a socket; move it away")
+    # A server that is alive but not (yet) speaking Redis must not lose its socket either.
+    if ping(socket_path) or _socket_accepts(socket_path):
+        raise EmbeddedRedisError(
+            f"something is already listening on {socket_path}; another lazycat (or Redis) "
+            "seems to be running on this data directory"
+        )
+    socket_path.unlink()
+
+
+def wait_until_answering(socket_path: Path, timeout: float) -> bool:
+    """Poll PING on the socket until it answers (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not ping(socket_path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class EmbeddedRedis:
@@ -170,7 +214,7 @@ class EmbeddedRedis:
                 "unix socket cannot use; choose a shorter data directory"
             )
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._clear_stale_socket()
+        clear_stale_socket(self.socket_path)
         self._log.clear()
         self._proc = subprocess.Popen(
             [self.executable, *server_args(self.socket_path, self.data_dir)],
@@ -235,33 +279,6 @@ class EmbeddedRedis:
     ) -> None:
         self.stop()
 
-    def _clear_stale_socket(self) -> None:
-        """Remove a socket file left by a crashed run, but never one a live server answers on."""
-        try:
-            mode = self.socket_path.lstat().st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise EmbeddedRedisError(
-                f"{self.socket_path} exists and is not a socket; move it away and try again"
-            )
-        if ping(self.socket_path) or self._socket_accepts():
-            raise EmbeddedRedisError(
-                f"something is already listening on {self.socket_path}; another lazycat (or "
-                "Redis) seems to be running on this data directory"
-            )
-        self.socket_path.unlink()
-
-    def _socket_accepts(self) -> bool:
-        # A server that is alive but not (yet) speaking Redis must not lose its socket either.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            try:
-                sock.connect(os.fspath(self.socket_path))
-            except OSError:
-                return False
-            return True
-
     def _read_log(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         with proc.stdout:
@@ -281,3 +298,24 @@ class EmbeddedRedis:
         if not tail:
             return f"{what} (it printed nothing)"
         return f"{what}; its last log lines:\n" + "\n".join(f"  {line}" for line in tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lazycat.embedded_redis --wait SOCKET`: systemd's ExecStartPost readiness gate.
+
+    Kept Django-free so the Redis unit does not load the whole console to ask one PING.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lazycat.embedded_redis")
+    parser.add_argument("--wait", type=Path, required=True, metavar="SOCKET")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if wait_until_answering(args.wait, args.timeout):
+        return 0
+    print(f"redis did not answer PING on {args.wait} within {args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

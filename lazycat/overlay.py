@@ -21,4 +21,5 @@ def taken_labels(exclude_device: Device | None = None) -> set[str]:
     devices = Device.objects.exclude(label=None)
     if exclude_device is not None:
         devices = devices.exclude(pk=exclude_device.pk)
-    return {*devices.values_list("label", flat=True), *Service.objects.values_list("name", flat=True)}
+    labels = {label for label in devices.values_list("label", flat=True) if label}
+    return labels | set(Service.objects.values_list("name", flat=True))

@@ -10,7 +10,7 @@ import tempfile
 os.environ.setdefault("LAZYCAT_DATA_DIR", tempfile.mkdtemp(prefix="lazycat-test-"))
 os.environ.setdefault("LAZYCAT_RELAYS", "home=203.0.113.10:3478")
 
-from lazycat.settings import *  # noqa: E402, F403
+from lazycat.settings import *  # noqa: F403
 
 # Fast password hashing: the tests create many users; the hasher is Django's to get right.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from lazycat.core import audit, keys
@@ -35,7 +35,7 @@ def do_setup_box(box_name: str, username: str, password: str, source: str = "") 
     return box
 
 
-def do_set_accept_without_code(box: Box, enabled: bool, by: AbstractBaseUser) -> None:
+def do_set_accept_without_code(box: Box, enabled: bool, by: User) -> None:
     with transaction.atomic():
         before = {"accept_without_code": box.accept_without_code}
         box.accept_without_code = enabled

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import models
 
 from lazycat.core.models import AuditEvent
@@ -15,7 +15,7 @@ SYSTEM = "system"
 def record(
     action: str,
     *,
-    actor: AbstractBaseUser | AnonymousUser | None = None,
+    actor: User | AnonymousUser | None = None,
     actor_label: str = "",
     target: models.Model | None = None,
     before: dict[str, Any] | None = None,
@@ -24,7 +24,7 @@ def record(
     detail: str = "",
 ) -> AuditEvent:
     """Append one audit event. `actor` is a user; devices and the system pass `actor_label`."""
-    user = actor if isinstance(actor, AbstractBaseUser) else None
+    user = actor if isinstance(actor, User) else None
     label = actor_label or (user.get_username() if user else SYSTEM)
     return AuditEvent.objects.create(
         actor=user,

@@ -29,7 +29,7 @@ def redis() -> str | None:
 
     try:
         client = redis_lib.Redis.from_url(
-            settings.CELERY_BROKER_URL, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=1
+            settings.REDIS_URL, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=1
         )
         client.ping()
         client.close()

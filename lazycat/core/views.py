@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lazycat.core import actions, health
 from lazycat.core.forms import BoxSettingsForm, SetupForm
+from lazycat.core.http import AuthedHttpRequest
 from lazycat.core.metrics import registry
 from lazycat.core.models import AuditEvent, Box
 from lazycat.devices.models import Device, DeviceStatus, PathKind
@@ -60,7 +61,7 @@ def setup(request: HttpRequest) -> HttpResponse:
     return render(request, "core/setup.html", {"form": form})
 
 
-def dashboard(request: HttpRequest) -> HttpResponse:
+def dashboard(request: AuthedHttpRequest) -> HttpResponse:
     approved = Device.objects.filter(status=DeviceStatus.APPROVED)
     context = {
         "pending": list(Device.objects.pending()),
@@ -77,7 +78,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 @require_GET
-def audit_log(request: HttpRequest) -> HttpResponse:
+def audit_log(request: AuthedHttpRequest) -> HttpResponse:
     events = AuditEvent.objects.all()
     action = request.GET.get("action", "").strip()
     if action:
@@ -92,7 +93,7 @@ def audit_log(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
-def box_settings(request: HttpRequest) -> HttpResponse:
+def box_settings(request: AuthedHttpRequest) -> HttpResponse:
     box = Box.get()
     assert box is not None  # SetupRequiredMiddleware
     form = BoxSettingsForm(
@@ -100,7 +101,9 @@ def box_settings(request: HttpRequest) -> HttpResponse:
     )
     if request.method == "POST" and form.is_valid():
         actions.do_set_accept_without_code(
-            box, form.cleaned_data["accept_without_code"], request.user  # type: ignore[arg-type]
+            box,
+            form.cleaned_data["accept_without_code"],
+            request.user,
         )
         messages.success(request, "Settings saved.")
         return redirect("core:settings")

@@ -10,12 +10,13 @@ import base64
 import logging
 import secrets
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
@@ -41,7 +42,7 @@ class DecisionError(Exception):
 # --- pairing codes ------------------------------------------------------------------------------
 
 
-def do_create_pairing_code(box: Box, by: AbstractBaseUser) -> tuple[PairingCode, PairingBundle]:
+def do_create_pairing_code(box: Box, by: User) -> tuple[PairingCode, PairingBundle]:
     """A new one-time code. The secret is returned once, in the bundle, and stored only hashed."""
     secret = secrets.token_bytes(SECRET_BYTES)
     expires_at = timezone.now() + timedelta(seconds=settings.LAZYCAT_PAIRING_TTL)
@@ -65,7 +66,7 @@ def do_create_pairing_code(box: Box, by: AbstractBaseUser) -> tuple[PairingCode,
     return code, bundle
 
 
-def do_cancel_pairing_code(code: PairingCode, by: AbstractBaseUser) -> None:
+def do_cancel_pairing_code(code: PairingCode, by: User) -> None:
     with transaction.atomic():
         if not code.is_usable():
             return
@@ -257,7 +258,12 @@ def _notify_transportd(device: Device) -> None:
 
 
 def _decide(
-    device: Device, by: AbstractBaseUser, action: str, allowed_from: set[str], apply: object
+    device: Device,
+    by: User,
+    action: str,
+    allowed_from: set[str],
+    apply: Callable[[Device], None],
+    joins_list: bool = False,
 ) -> Device:
     """Common frame of every decision: lock, check the state, apply, audit, publish."""
     with transaction.atomic():
@@ -267,21 +273,19 @@ def _decide(
                 f"{locked.name} is {locked.get_status_display().lower()}, so it cannot be {action}."
             )
         before = locked.audit_state()
-        apply(locked)  # type: ignore[operator]
+        apply(locked)
         locked.decided_at = timezone.now()
-        locked.decided_by = by  # type: ignore[assignment]
+        locked.decided_by = by
         locked.save()
         audit.record(
             f"device.{action}", actor=by, target=locked, before=before, after=locked.audit_state()
         )
-        after_commit(push.device_changed, locked.pk)
+        after_commit(push.device_changed, locked.pk, joins_list)
         after_commit(_notify_transportd, locked)
     return locked
 
 
-def do_approve_device(
-    device: Device, by: AbstractBaseUser, expires_at: datetime | None = None
-) -> Device:
+def do_approve_device(device: Device, by: User, expires_at: datetime | None = None) -> Device:
     """Approve a pending device: give it a DNS label and its overlay address, tell the tunnel."""
     if expires_at is not None and expires_at <= timezone.now():
         raise DecisionError("The approval expiry must be in the future.")
@@ -300,12 +304,12 @@ def do_approve_device(
                 addressing.device_address(box.key, d.key, taken=overlay.taken_addresses())
             )
 
-    device = _decide(device, by, "approved", {DeviceStatus.PENDING}, apply)
+    device = _decide(device, by, "approved", {DeviceStatus.PENDING}, apply, joins_list=True)
     after_commit(push.inbox_changed)
     return device
 
 
-def do_reject_device(device: Device, by: AbstractBaseUser, note: str = "") -> Device:
+def do_reject_device(device: Device, by: User, note: str = "") -> Device:
     def apply(d: Device) -> None:
         d.status = DeviceStatus.REJECTED
         d.decision_note = note[:500]
@@ -315,7 +319,7 @@ def do_reject_device(device: Device, by: AbstractBaseUser, note: str = "") -> De
     return device
 
 
-def do_revoke_device(device: Device, by: AbstractBaseUser, note: str = "") -> Device:
+def do_revoke_device(device: Device, by: User, note: str = "") -> Device:
     """Withdraw an approval: the tunnel ends the device's session at once. The device keeps its
     address and label so a later re-approval gives it the same ones."""
 
@@ -326,7 +330,7 @@ def do_revoke_device(device: Device, by: AbstractBaseUser, note: str = "") -> De
     return _decide(device, by, "revoked", {DeviceStatus.APPROVED, DeviceStatus.EXPIRED}, apply)
 
 
-def do_rename_device(device: Device, by: AbstractBaseUser, name: str) -> Device:
+def do_rename_device(device: Device, by: User, name: str) -> Device:
     """A new display name, and a new DNS label derived from it."""
     try:
         cleaned = DeviceFacts(name=name).cleaned().name
@@ -346,16 +350,12 @@ def do_expire_approvals(now: datetime | None = None) -> int:
     """Approvals with an expiry that has passed end like a revocation (periodic job)."""
     now = now or timezone.now()
     count = 0
-    for device in Device.objects.filter(
-        status=DeviceStatus.APPROVED, approval_expires_at__lte=now
-    ):
+    for device in Device.objects.filter(status=DeviceStatus.APPROVED, approval_expires_at__lte=now):
         with transaction.atomic():
             before = device.audit_state()
             device.status = DeviceStatus.EXPIRED
             device.save(update_fields=["status"])
-            audit.record(
-                "device.expired", target=device, before=before, after=device.audit_state()
-            )
+            audit.record("device.expired", target=device, before=before, after=device.audit_state())
             after_commit(push.device_changed, device.pk)
             after_commit(_notify_transportd, device)
         count += 1
@@ -450,4 +450,3 @@ def do_mark_stale_devices_offline(now: datetime | None = None) -> int:
         )
         count += 1
     return count
-

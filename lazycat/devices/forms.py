@@ -3,7 +3,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django import forms
+from django.db.models import Q, QuerySet
 from django.utils import timezone
+
+from lazycat.devices.models import Device, DeviceStatus, PathKind
 
 EXPIRY_CHOICES = [
     ("", "Never"),
@@ -28,3 +31,42 @@ class NoteForm(forms.Form):
 
 class RenameForm(forms.Form):
     name = forms.CharField(max_length=100)
+
+
+class DeviceFilterForm(forms.Form):
+    q = forms.CharField(required=False, label="Search", max_length=100)
+    status = forms.ChoiceField(
+        required=False,
+        choices=[
+            ("", "Any status"),
+            *[(s.value, s.label) for s in DeviceStatus if s.value != "pending"],
+        ],
+    )
+    path = forms.ChoiceField(
+        required=False,
+        choices=[
+            ("", "Any path"),
+            ("direct", "Direct"),
+            ("relay", "Relayed"),
+            ("offline", "Offline"),
+        ],
+    )
+
+    def filter(self, devices: QuerySet[Device]) -> QuerySet[Device]:
+        q, status, path = (self.cleaned_data.get(k) for k in ("q", "status", "path"))
+        if q:
+            devices = devices.filter(
+                Q(name__icontains=q)
+                | Q(label__icontains=q)
+                | Q(overlay_address__icontains=q)
+                | Q(os__icontains=q)
+                | Q(model__icontains=q)
+                | Q(endpoint__icontains=q)
+            )
+        if status:
+            devices = devices.filter(status=status)
+        if path == "direct":
+            devices = devices.exclude(path__in=[PathKind.RELAY, PathKind.OFFLINE])
+        elif path:
+            devices = devices.filter(path=path)
+        return devices

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
@@ -157,7 +157,7 @@ class PairingCode(models.Model):
     def hash_secret(secret: bytes) -> bytes:
         return hashlib.sha256(b"lazycat pairing secret\x00" + secret).digest()
 
-    def is_usable(self, now: timezone.datetime | None = None) -> bool:
+    def is_usable(self, now: datetime | None = None) -> bool:
         now = now or timezone.now()
         return not self.used_at and not self.cancelled and self.expires_at > now
 
@@ -184,7 +184,7 @@ class PathEvent(models.Model):
         return PathKind(self.path)
 
 
-def direct_share(device: Device, now: timezone.datetime, window: timedelta) -> float | None:
+def direct_share(device: Device, now: datetime, window: timedelta) -> float | None:
     """Fraction of `window` (ending now) the device spent on a direct path, or None if it was
     never seen in the window. Offline time counts as neither: the share is of connected time."""
     start = now - window
@@ -192,7 +192,9 @@ def direct_share(device: Device, now: timezone.datetime, window: timedelta) -> f
         device.path_events.filter(at__gte=start).order_by("at", "pk").values_list("at", "path")
     )
     before = (
-        device.path_events.filter(at__lt=start).order_by("-at", "-pk").values_list("path", flat=True)
+        device.path_events.filter(at__lt=start)
+        .order_by("-at", "-pk")
+        .values_list("path", flat=True)
     ).first()
     timeline = [(start, before)] if before else []
     timeline += events

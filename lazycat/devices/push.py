@@ -24,8 +24,11 @@ def inbox_changed() -> None:
     send_to_consoles(render_to_string("devices/_inbox.html", {"pending": pending, "oob": True}))
 
 
-def device_changed(device_id: int) -> None:
-    """The device's list row, its state panel and its timeline: whichever the page shows."""
+def device_changed(device_id: int, fresh: bool = False) -> None:
+    """The device's list row, its state panel and its timeline: whichever the page shows.
+
+    `fresh` marks a device that has just joined the list (approved): a list page that does not
+    show it yet appends its row (static/js/console.js); other rows are only ever replaced."""
     device = Device.objects.filter(pk=device_id).first()
     if device is None:
         return
@@ -36,5 +39,6 @@ def device_changed(device_id: int) -> None:
         "events": device.path_events.all()[:TIMELINE_LENGTH],
         "direct_share": direct_share(device, timezone.now(), timedelta(hours=24)),
         "oob": True,
+        "fresh": fresh,
     }
     send_to_consoles(render_to_string("devices/_push.html", context))

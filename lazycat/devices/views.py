@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import segno
 from django.conf import settings
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse
+from django.core.paginator import Paginator
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from lazycat.core.http import AuthedHttpRequest
 from lazycat.core.models import AuditEvent, Box
 from lazycat.devices import actions, push
-from lazycat.devices.forms import ApproveForm, NoteForm, RenameForm
+from lazycat.devices.forms import ApproveForm, DeviceFilterForm, NoteForm, RenameForm
 from lazycat.devices.models import Device, direct_share
 
 
@@ -26,21 +29,32 @@ def _box() -> Box:
     return box
 
 
+PAGE_SIZE = 100
+
+
 @require_GET
-def device_list(request: HttpRequest) -> HttpResponse:
+def device_list(request: AuthedHttpRequest) -> HttpResponse:
+    """Approved and decided devices, 100 a page, searchable; the approval inbox on top."""
+    form = DeviceFilterForm(request.GET or None)
+    devices = form.filter(Device.objects.listed()) if form.is_valid() else Device.objects.listed()
+    page = Paginator(devices, PAGE_SIZE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
     return render(
         request,
         "devices/list.html",
         {
             "pending": list(Device.objects.pending()),
-            "devices": Device.objects.listed(),
-            "approve_form": ApproveForm(),
+            "page": page,
+            "devices": page.object_list,
+            "filter_form": form,
+            "query": query.urlencode(),
         },
     )
 
 
 @require_GET
-def device_detail(request: HttpRequest, pk: int) -> HttpResponse:
+def device_detail(request: AuthedHttpRequest, pk: int) -> HttpResponse:
     device = get_object_or_404(Device, pk=pk)
     share = direct_share(device, timezone.now(), timedelta(hours=24))
     return render(
@@ -48,7 +62,7 @@ def device_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "devices/detail.html",
         {
             "device": device,
-            "events": device.path_events.all()[:push.TIMELINE_LENGTH],
+            "events": device.path_events.all()[: push.TIMELINE_LENGTH],
             "direct_share": share,
             "approve_form": ApproveForm(),
             "rename_form": RenameForm(initial={"name": device.name}),
@@ -64,7 +78,7 @@ def device_audit(device: Device) -> list[AuditEvent]:
 
 @never_cache
 @require_http_methods(["GET", "POST"])
-def pair(request: HttpRequest) -> HttpResponse:
+def pair(request: AuthedHttpRequest) -> HttpResponse:
     """GET explains; POST makes a new one-time code and shows it once (it is stored hashed, so
     it cannot be shown again: a reload asks for a new one)."""
     if request.method == "GET":
@@ -77,7 +91,7 @@ def pair(request: HttpRequest) -> HttpResponse:
             "Set LAZYCAT_RELAYS (see deploy/lazycat.env.example) and restart lazycat.",
         )
         return redirect("devices:pair")
-    code, bundle = actions.do_create_pairing_code(_box(), request.user)  # type: ignore[arg-type]
+    code, bundle = actions.do_create_pairing_code(_box(), request.user)
     text = bundle.to_text()
     qr = segno.make(text, error="m").svg_inline(scale=4, border=2, dark="#14213d")
     return render(
@@ -87,7 +101,7 @@ def pair(request: HttpRequest) -> HttpResponse:
     )
 
 
-def _after_decision(request: HttpRequest, device: Device) -> HttpResponse:
+def _after_decision(request: AuthedHttpRequest, device: Device) -> HttpResponse:
     """htmx asked: answer with the fresh inbox (the push brings it too, to every console).
     A plain form goes back where it came from (the list or the device page)."""
     if request.headers.get("HX-Request"):
@@ -98,10 +112,12 @@ def _after_decision(request: HttpRequest, device: Device) -> HttpResponse:
     return redirect("devices:detail", pk=device.pk)
 
 
-def _decision(request: HttpRequest, pk: int, decide: object, success: str) -> HttpResponse:
+def _decision(
+    request: AuthedHttpRequest, pk: int, decide: Callable[[Device], Device], success: str
+) -> HttpResponse:
     device = get_object_or_404(Device, pk=pk)
     try:
-        device = decide(device)  # type: ignore[operator]
+        device = decide(device)
     except actions.DecisionError as exc:
         messages.error(request, str(exc))
     else:
@@ -110,7 +126,7 @@ def _decision(request: HttpRequest, pk: int, decide: object, success: str) -> Ht
 
 
 @require_POST
-def approve(request: HttpRequest, pk: int) -> HttpResponse:
+def approve(request: AuthedHttpRequest, pk: int) -> HttpResponse:
     form = ApproveForm(request.POST)
     if not form.is_valid():
         messages.error(request, "Choose when access ends, or Never.")
@@ -118,37 +134,37 @@ def approve(request: HttpRequest, pk: int) -> HttpResponse:
     return _decision(
         request,
         pk,
-        lambda d: actions.do_approve_device(d, request.user, form.expires_at()),  # type: ignore[arg-type]
+        lambda d: actions.do_approve_device(d, request.user, form.expires_at()),
         "{name} is approved.",
     )
 
 
 @require_POST
-def reject(request: HttpRequest, pk: int) -> HttpResponse:
+def reject(request: AuthedHttpRequest, pk: int) -> HttpResponse:
     form = NoteForm(request.POST)
     note = form.cleaned_data["note"] if form.is_valid() else ""
     return _decision(
         request,
         pk,
-        lambda d: actions.do_reject_device(d, request.user, note),  # type: ignore[arg-type]
+        lambda d: actions.do_reject_device(d, request.user, note),
         "{name} is rejected.",
     )
 
 
 @require_POST
-def revoke(request: HttpRequest, pk: int) -> HttpResponse:
+def revoke(request: AuthedHttpRequest, pk: int) -> HttpResponse:
     form = NoteForm(request.POST)
     note = form.cleaned_data["note"] if form.is_valid() else ""
     return _decision(
         request,
         pk,
-        lambda d: actions.do_revoke_device(d, request.user, note),  # type: ignore[arg-type]
+        lambda d: actions.do_revoke_device(d, request.user, note),
         "{name} is revoked; its tunnel is closed.",
     )
 
 
 @require_POST
-def rename(request: HttpRequest, pk: int) -> HttpResponse:
+def rename(request: AuthedHttpRequest, pk: int) -> HttpResponse:
     form = RenameForm(request.POST)
     if not form.is_valid():
         messages.error(request, "A name is 1 to 100 characters.")
@@ -156,6 +172,6 @@ def rename(request: HttpRequest, pk: int) -> HttpResponse:
     return _decision(
         request,
         pk,
-        lambda d: actions.do_rename_device(d, request.user, form.cleaned_data["name"]),  # type: ignore[arg-type]
+        lambda d: actions.do_rename_device(d, request.user, form.cleaned_data["name"]),
         "Renamed to {name}.",
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from lazycat import overlay
@@ -18,7 +18,7 @@ def _notify(uid: str, deleted: bool = False) -> None:
     send_to_transportd({"type": "service.changed", "uid": uid, "deleted": deleted})
 
 
-def do_save_service(form: ServiceForm, by: AbstractBaseUser) -> Service:
+def do_save_service(form: ServiceForm, by: User) -> Service:
     """Create or update the service a valid form describes. A new service gets its overlay
     address here, derived from its stable id (docs/addressing.md)."""
     box = Box.get()
@@ -29,7 +29,9 @@ def do_save_service(form: ServiceForm, by: AbstractBaseUser) -> Service:
         before = None if creating else Service.objects.get(pk=service.pk).audit_state()
         if creating:
             service.overlay_address = str(
-                addressing.service_address(box.key, str(service.uid), taken=overlay.taken_addresses())
+                addressing.service_address(
+                    box.key, str(service.uid), taken=overlay.taken_addresses()
+                )
             )
         service = form.save()
         audit.record(
@@ -43,7 +45,7 @@ def do_save_service(form: ServiceForm, by: AbstractBaseUser) -> Service:
     return service
 
 
-def do_delete_service(service: Service, by: AbstractBaseUser) -> None:
+def do_delete_service(service: Service, by: User) -> None:
     with transaction.atomic():
         before = service.audit_state()
         uid = str(service.uid)

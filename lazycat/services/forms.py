@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 
+from lazycat.core.models import Box
 from lazycat.devices.models import Device, DeviceStatus
 from lazycat.services.models import Service
 from transport import names
@@ -14,7 +15,7 @@ from transport.addressing import OVERLAY
 from transport.ports import PortPolicy, PortPolicyError
 
 
-class ServiceForm(forms.ModelForm):  # type: ignore[type-arg]
+class ServiceForm(forms.ModelForm):
     ports = forms.CharField(
         initial="all",
         help_text="e.g. 'tcp 22, 80, 8000-8100; udp 53', or 'all' for every TCP and UDP port.",
@@ -31,7 +32,15 @@ class ServiceForm(forms.ModelForm):  # type: ignore[type-arg]
 
     class Meta:
         model = Service
-        fields = ["kind", "name", "target", "ports", "exclude_ports", "access_all", "allowed_devices"]
+        fields = [
+            "kind",
+            "name",
+            "target",
+            "ports",
+            "exclude_ports",
+            "access_all",
+            "allowed_devices",
+        ]
         labels = {
             "access_all": "All approved devices may reach it",
             "target": "Target address",
@@ -39,7 +48,9 @@ class ServiceForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["target"].help_text = (
+        self.fields[
+            "target"
+        ].help_text = (
             "Where the service listens on the box's LAN, IPv4 or IPv6 (e.g. 192.168.1.20)."
         )
         self.fields["name"].help_text = "Becomes <name>.<box>.heiyu.space."
@@ -55,9 +66,11 @@ class ServiceForm(forms.ModelForm):  # type: ignore[type-arg]
         if others.exists():
             raise forms.ValidationError(f"A service is already called {label}.")
         if Device.objects.filter(label=label).exists():
+            box = Box.get()
+            where = names.host_fqdn(label, box.name) if box else label
             raise forms.ValidationError(
-                f"A device is already called {label} ({label}.<box>.heiyu.space): choose "
-                "another name or rename the device."
+                f"A device is already called {label} ({where}): choose another name or rename "
+                "the device."
             )
         return label
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from lazycat.core.http import AuthedHttpRequest
 from lazycat.core.models import Box
 from lazycat.services import actions
 from lazycat.services.forms import ServiceForm
@@ -14,17 +15,17 @@ from lazycat.services.models import Service
 
 
 @require_GET
-def service_list(request: HttpRequest) -> HttpResponse:
+def service_list(request: AuthedHttpRequest) -> HttpResponse:
     services = Service.objects.prefetch_related("allowed_devices")
     return render(request, "services/list.html", {"services": services})
 
 
 @require_http_methods(["GET", "POST"])
-def service_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
+def service_edit(request: AuthedHttpRequest, pk: int | None = None) -> HttpResponse:
     service = get_object_or_404(Service, pk=pk) if pk is not None else None
     form = ServiceForm(request.POST or None, instance=service)
     if request.method == "POST" and form.is_valid():
-        saved = actions.do_save_service(form, request.user)  # type: ignore[arg-type]
+        saved = actions.do_save_service(form, request.user)
         box = Box.get()
         where = f"{saved.name}.{box.fqdn}" if box else saved.name
         messages.success(request, f"{where} is saved.")
@@ -33,8 +34,8 @@ def service_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
 
 
 @require_POST
-def service_delete(request: HttpRequest, pk: int) -> HttpResponse:
+def service_delete(request: AuthedHttpRequest, pk: int) -> HttpResponse:
     service = get_object_or_404(Service, pk=pk)
-    actions.do_delete_service(service, request.user)  # type: ignore[arg-type]
+    actions.do_delete_service(service, request.user)
     messages.success(request, f"{service.name} is no longer exposed.")
     return redirect("services:list")

@@ -42,11 +42,13 @@
   });
   document.addEventListener("htmx:afterSettle", refreshTimes);
 
-  // A pushed row for a device this page does not list yet (just approved): append it.
+  // A pushed row for a device that just joined the list (approved): append it to a list page.
+  // Rows of devices on other pages are not this page's business and are dropped.
   document.addEventListener("htmx:oobErrorNoTarget", function (ev) {
     var el = ev.detail && ev.detail.content;
     var rows = document.getElementById("device-rows");
     if (!el || !rows || !el.classList || !el.classList.contains("device-row")) return;
+    if (el.dataset.fresh !== "true" || rows.dataset.appendNew !== "true") return;
     el.removeAttribute("hx-swap-oob");
     var empty = rows.querySelector("td.empty");
     if (empty) empty.parentNode.remove();
@@ -59,10 +61,12 @@
   var wasClosed = false;
   document.addEventListener("htmx:wsClose", function () {
     wasClosed = true;
+    window.__lazycatLive = false;
     var s = document.getElementById("live-status");
     if (s) s.hidden = false;
   });
   document.addEventListener("htmx:wsOpen", function () {
+    window.__lazycatLive = true; // the browser tests wait for this before they act
     var s = document.getElementById("live-status");
     if (s) s.hidden = true;
     if (wasClosed) {

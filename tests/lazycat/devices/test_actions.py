@@ -83,7 +83,10 @@ def test_request_with_valid_code_records_pending_device_and_uses_code(box, owner
     device = Device.objects.get()
     assert device.status == DeviceStatus.PENDING
     assert (device.name, device.os, device.model, device.client_version) == (
-        "Alice's Phone", "Android 15", "Pixel 9", "0.1.0"
+        "Alice's Phone",
+        "Android 15",
+        "Pixel 9",
+        "0.1.0",
     )
     assert device.source == "198.51.100.7" and device.via_code
     assert PairingCode.objects.get().used_by == device
@@ -123,7 +126,9 @@ def test_unknown_code_and_missing_code_are_refused_unless_owner_allows(box, owne
         actions.do_request_pairing(b"x" * 16, key(1), PHONE, "198.51.100.7").refusal
         == Refusal.UNKNOWN_CODE
     )
-    assert actions.do_request_pairing(None, key(1), PHONE, "198.51.100.7").refusal == Refusal.NO_CODE
+    assert (
+        actions.do_request_pairing(None, key(1), PHONE, "198.51.100.7").refusal == Refusal.NO_CODE
+    )
     assert not Device.objects.exists()
 
     box.accept_without_code = True
@@ -154,9 +159,9 @@ def test_requests_are_rate_limited_per_source(box, owner, settings):
         assert actions.do_request_pairing(b"y" * 16, key(1), PHONE, "203.0.113.5").refusal == (
             Refusal.UNKNOWN_CODE
         )
-    assert actions.do_request_pairing(new_code(box, owner), key(1), PHONE, "203.0.113.5").refusal == (
-        Refusal.RATE_LIMITED
-    )
+    assert actions.do_request_pairing(
+        new_code(box, owner), key(1), PHONE, "203.0.113.5"
+    ).refusal == (Refusal.RATE_LIMITED)
     # Another source has its own budget.
     assert actions.do_request_pairing(new_code(box, owner), key(1), PHONE, "203.0.113.6").accepted
     # A flood is audited once per window, not once per attempt.
@@ -260,13 +265,20 @@ def test_report_path_changes_timeline_and_pushes(box, owner):
     now = timezone.now()
     actions.do_report_path(
         device.key,
-        PathReport(PathKind.RELAY, relay="home", rtt_ms=40.0, last_handshake=now, cause="new session"),
+        PathReport(
+            PathKind.RELAY, relay="home", rtt_ms=40.0, last_handshake=now, cause="new session"
+        ),
     )
     actions.do_report_path(
         device.key,
         PathReport(
-            PathKind.DIRECT_V4, endpoint="198.51.100.7:41641", rtt_ms=8.5, rx_bytes=10,
-            tx_bytes=20, last_handshake=now, cause="punched",
+            PathKind.DIRECT_V4,
+            endpoint="198.51.100.7:41641",
+            rtt_ms=8.5,
+            rx_bytes=10,
+            tx_bytes=20,
+            last_handshake=now,
+            cause="punched",
         ),
     )
     # Counters only: no new timeline entry.
@@ -283,7 +295,7 @@ def test_report_path_changes_timeline_and_pushes(box, owner):
     ]
     html = [m["html"] for m in consoles.messages()]
     assert len(html) == 3
-    assert 'id="device-%d"' % device.pk in html[-1]
+    assert f'id="device-{device.pk}"' in html[-1]
     assert "dot-blue" in html[-1] and "198.51.100.7:41641" in html[-1]
     assert "dot-yellow" in html[0] and "relay home" in html[0]
 

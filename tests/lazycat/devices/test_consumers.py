@@ -14,6 +14,7 @@ from django.contrib.sessions.backends.db import SessionStore
 
 from lazycat.devices import actions
 from lazycat.devices.actions import DeviceFacts
+from lazycat.devices.consumers import CLOSE_UNAUTHENTICATED
 from lazycat.routing import websocket_urlpatterns
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,7 +35,9 @@ def session_cookie_for(username: str) -> bytes:
     return f"{settings.SESSION_COOKIE_NAME}={session.session_key}".encode()
 
 
-def communicator(cookie: bytes | None, origin: bytes = b"http://localhost") -> WebsocketCommunicator:
+def communicator(
+    cookie: bytes | None, origin: bytes = b"http://localhost"
+) -> WebsocketCommunicator:
     headers = [(b"origin", origin), (b"host", b"localhost")]
     if cookie:
         headers.append((b"cookie", cookie))
@@ -45,6 +48,7 @@ async def test_anonymous_socket_is_refused(box):
     comm = communicator(None)
     connected, code = await comm.connect(timeout=3)
     assert not connected
+    assert code == CLOSE_UNAUTHENTICATED
     await comm.disconnect()
 
 

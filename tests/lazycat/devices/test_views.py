@@ -50,7 +50,8 @@ def test_list_shows_inbox_and_devices(owner_client, box, owner):
     request_pairing(box, owner, 1, "Pending Pad")
     device = approved(box, owner, 2, "Laptop")
     actions.do_report_path(
-        device.key, PathReport(PathKind.RELAY, relay="home", rtt_ms=31.0, last_handshake=timezone.now())
+        device.key,
+        PathReport(PathKind.RELAY, relay="home", rtt_ms=31.0, last_handshake=timezone.now()),
     )
     html = owner_client.get(reverse("devices:list")).content.decode()
     assert "Waiting for your approval" in html and "Pending Pad" in html
@@ -96,7 +97,9 @@ def test_approve_and_reject_over_http(owner_client, box, owner):
 
 def test_detail_shows_state_timeline_and_direct_share(owner_client, box, owner):
     device = approved(box, owner, 1)
-    actions.do_report_path(device.key, PathReport(PathKind.RELAY, relay="home", cause="new session"))
+    actions.do_report_path(
+        device.key, PathReport(PathKind.RELAY, relay="home", cause="new session")
+    )
     actions.do_report_path(
         device.key, PathReport(PathKind.DIRECT_V6, endpoint="[2001:db8::7]:41641", cause="punched")
     )
@@ -112,4 +115,28 @@ def test_revoke_and_rename_over_http(owner_client, box, owner):
     owner_client.post(reverse("devices:rename", args=[device.pk]), {"name": "Kitchen Tablet"})
     owner_client.post(reverse("devices:revoke", args=[device.pk]), {"note": "sold"})
     device.refresh_from_db()
-    assert (device.name, device.label, device.status) == ("Kitchen Tablet", "kitchen-tablet", "revoked")
+    assert (device.name, device.label, device.status) == (
+        "Kitchen Tablet",
+        "kitchen-tablet",
+        "revoked",
+    )
+
+
+def test_list_paginates_and_filters(owner_client, box, owner, settings, monkeypatch):
+    from lazycat.devices import views
+
+    settings.LAZYCAT_PAIRING_RATE = 1000
+    monkeypatch.setattr(views, "PAGE_SIZE", 5)
+    for n in range(1, 13):
+        device = approved(box, owner, n, f"Box {n:02d}")
+        if n % 4 == 0:
+            actions.do_report_path(device.key, PathReport(PathKind.RELAY, relay="home"))
+    html = owner_client.get(reverse("devices:list")).content.decode()
+    assert html.count('class="device-row') == 5 and "page 1 of 3" in html
+    html = owner_client.get(reverse("devices:list"), {"page": 3}).content.decode()
+    assert html.count('class="device-row') == 2
+    html = owner_client.get(reverse("devices:list"), {"q": "box 1"}).content.decode()
+    assert html.count('class="device-row') == 3  # Box 10, 11, 12 (not Box 01)
+    assert "data-append-new" not in html  # a filtered page never grows by push
+    html = owner_client.get(reverse("devices:list"), {"path": "relay"}).content.decode()
+    assert html.count('class="device-row') == 3 and "path-relay" in html
