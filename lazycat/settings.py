@@ -105,6 +105,8 @@ if LISTEN_HOST not in {"0.0.0.0", "::"} and LISTEN_HOST not in ALLOWED_HOSTS:  #
 
 # HTTPS: set when the console is served behind TLS (a reverse proxy or a tunnel).
 HTTPS = _env_bool("LAZYCAT_HTTPS", False)
+# A reverse proxy in front sets X-Forwarded-For/-Proto; only then are those headers believed.
+BEHIND_PROXY = _env_bool("LAZYCAT_BEHIND_PROXY", False)
 SESSION_COOKIE_SECURE = HTTPS
 CSRF_COOKIE_SECURE = HTTPS
 SECURE_SSL_REDIRECT = HTTPS
@@ -142,7 +144,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "lazycat.core.middleware.ServerTimingMiddleware",
+    "lazycat.core.middleware.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "lazycat.core.middleware.ContentSecurityPolicyMiddleware",

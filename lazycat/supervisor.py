@@ -119,7 +119,12 @@ def process_specs(settings: Any) -> list[ProcessSpec]:
     return [
         ProcessSpec(
             name="web",
-            argv=(python, "-m", "daphne", "-b", host, "-p", str(port), "--proxy-headers",
+            # -v 0: no access log of Daphne's own; RequestLogMiddleware logs each request
+            # as a structured line instead.
+            # Proxy headers are trusted only when a reverse proxy is declared: otherwise anyone
+            # could pick their own client address and walk around the login lockout.
+            argv=(python, "-m", "daphne", "-v", "0", "-b", host, "-p", str(port),
+                  *(["--proxy-headers"] if settings.BEHIND_PROXY else []),
                   "lazycat.asgi:application"),
             ready=lambda child: http_ready(settings),
         ),

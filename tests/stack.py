@@ -35,7 +35,7 @@ class Stack:
         self.port = free_port()
         self.url = ""
         self.start_timeout = start_timeout
-        self.log: deque[str] = deque(maxlen=400)
+        self.log: deque[str] = deque(maxlen=20_000)
         self.env = (
             {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
             | {
@@ -63,7 +63,7 @@ class Stack:
         )
         threading.Thread(target=self._read, daemon=True).start()
         if not self._up.wait(self.start_timeout) or not self.url:
-            tail = "\n".join(self.log)
+            tail = "\n".join(list(self.log)[-400:])
             self.stop()
             raise RuntimeError(f"lazycat up did not come up in {self.start_timeout} s:\n{tail}")
         return self

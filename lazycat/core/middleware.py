@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,10 @@ from django.shortcuts import redirect
 from django.urls import reverse
 
 from lazycat.core.models import Box
+
+access_log = logging.getLogger("lazycat.access")
+# Polled by supervisors and monitors every few seconds: logged only when they fail.
+QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 # Everything the console needs comes from this origin: no inline script, no eval (htmx runs
 # with allowEval off), styles from our own stylesheet; the browser socket is same-origin.
@@ -20,9 +25,11 @@ CSP = (
 )
 
 
-class ServerTimingMiddleware:
-    """``Server-Timing: app;dur=<ms>`` on every response: how long the view and the template
-    took, visible in the browser's devtools and read by the benchmarks."""
+class RequestLogMiddleware:
+    """One structured log line per request (the web server's own access log is off), and
+    ``Server-Timing: app;dur=<ms>``: how long the view and its template took, shown in the
+    browser's devtools and read by the benchmarks. Paths never carry secrets: pairing secrets
+    travel only in response bodies."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -30,7 +37,19 @@ class ServerTimingMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         started = time.perf_counter()
         response = self.get_response(request)
-        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+        ms = (time.perf_counter() - started) * 1000
+        response.headers["Server-Timing"] = f"app;dur={ms:.1f}"
+        if request.path not in QUIET_PATHS or response.status_code >= 400:
+            access_log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "ms": round(ms, 1),
+                    "client": request.META.get("REMOTE_ADDR", ""),
+                },
+            )
         return response
 
 

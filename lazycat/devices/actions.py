@@ -282,6 +282,7 @@ def _decide(
         )
         after_commit(push.device_changed, locked.pk, joins_list)
         after_commit(_notify_transportd, locked)
+    log.info(f"device {action}", extra={"device": locked.pk, "by": by.get_username()})
     return locked
 
 

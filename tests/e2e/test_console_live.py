@@ -4,6 +4,7 @@ from a second process, watch it arrive live, approve it, then watch its path cha
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -133,3 +134,12 @@ def test_pair_approve_and_watch_path_change_live(stack: Stack, page: Page) -> No
     expect(timeline).to_contain_text("session started")
     page.screenshot(path=str(ARTIFACTS / "console-device-page.png"), full_page=True)
     assert not [e for e in errors if "Content Security Policy" in e or "Refused" in e], errors
+
+    # No secret in any log line of any process: not the pairing secret, not the box's key.
+    secret = re.search(r"[?&]secret=([\w-]+)", bundle.group(1))
+    assert secret is not None
+    private = (stack.data_dir / "box.key").read_bytes()
+    logs = "\n".join(stack.log)
+    for needle in (secret.group(1), private.hex(), base64.b64encode(private).decode()):
+        assert needle not in logs
+    assert "device approved" in logs  # the log is really there, with the owner's decision
