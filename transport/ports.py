@@ -207,8 +207,6 @@ def _protocol(token: str) -> str:
 def _parse_item(token: str) -> Range:
     if token.lower() == "all":
         return ALL
-    if token.lower() in PROTOCOLS:
-        raise PortPolicyError(f"put a ';' before {token!r} to start its list of ports")
     match = _ITEM.fullmatch(token)
     if match is None:
         what = "port range" if "-" in token else "port number"
@@ -236,19 +234,27 @@ def _parse_spec(text: str) -> dict[str, list[Range]]:
         tokens = [t for t in _SEPARATORS.split(clause) if t]
         if not tokens:
             continue
-        head, items = tokens[0], tokens[1:]
+        head = tokens[0]
         if head.lower() == "all":
-            if items:
+            if len(tokens) > 1:
                 raise PortPolicyError("'all' stands alone; did you mean 'tcp all' or 'udp all'?")
             for proto in PROTOCOLS:
                 ranges[proto].append(ALL)
             continue
         if _ITEM.fullmatch(head):
             raise PortPolicyError(f"{head!r} needs a protocol: write 'tcp {head}' or 'udp {head}'")
-        proto = _protocol(head)
-        if not items:
+        # A protocol name starts its own list, so 'tcp 22, udp 53' reads as people write it.
+        proto, listed = _protocol(head), 0
+        for token in tokens[1:]:
+            if token.lower() in PROTOCOLS:
+                if not listed:
+                    raise PortPolicyError(f"{proto}: list ports or 'all'")
+                proto, listed = token.lower(), 0
+                continue
+            ranges[proto].append(_parse_item(token))
+            listed += 1
+        if not listed:
             raise PortPolicyError(f"{proto}: list ports or 'all'")
-        ranges[proto].extend(_parse_item(item) for item in items)
     return ranges
 
 

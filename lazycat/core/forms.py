@@ -12,7 +12,7 @@ from transport import names
 class SetupForm(forms.Form):
     box_name = forms.CharField(
         max_length=63,
-        help_text="Becomes <name>.heiyu.space: letters, digits and hyphens.",
+        help_text="Letters, digits and hyphens; the box becomes NAME.heiyu.space.",
         widget=forms.TextInput(attrs={"autofocus": True, "autocomplete": "off"}),
     )
     username = forms.CharField(max_length=150, label="Owner user name")

@@ -53,7 +53,10 @@ class ServiceForm(forms.ModelForm):
         ].help_text = (
             "Where the service listens on the box's LAN, IPv4 or IPv6 (e.g. 192.168.1.20)."
         )
-        self.fields["name"].help_text = "Becomes <name>.<box>.heiyu.space."
+        box = Box.get()
+        self.fields["name"].help_text = (
+            f"Devices reach it as NAME.{box.fqdn}." if box else "Letters, digits and hyphens."
+        )
 
     def clean_name(self) -> str:
         try:

@@ -18,7 +18,9 @@ def test_every_variable_settings_reads_is_documented():
     read = set(re.findall(r'_env(?:_bool|_int|_secret)?\("([A-Z_]+)"', source))
     assert {"LAZYCAT_DATA_DIR", "DATABASE_URL", "REDIS_URL", "LAZYCAT_RELAYS"} <= read
     documented = (ROOT / "deploy/lazycat.env.example").read_text()
-    missing = sorted(name for name in read if not re.search(rf"^#?\s*{name}[=\s]", documented, re.M))
+    missing = sorted(
+        name for name in read if not re.search(rf"^#?\s*{name}[=\s]", documented, re.M)
+    )
     assert not missing, f"deploy/lazycat.env.example does not document {missing}"
 
 

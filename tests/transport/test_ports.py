@@ -94,7 +94,8 @@ def test_effective_ranges_at_edges(allow: str, exclude: str, expected: list[Rang
         ("sctp 80", "", "'sctp' is not a protocol"),
         ("80", "", "'80' needs a protocol"),
         ("all 80", "", "'all' stands alone"),
-        ("tcp 22 udp 53", "", "put a ';' before 'udp'"),
+        ("tcp 22, udp", "", "udp: list ports or 'all'"),
+        ("tcp udp 53", "", "tcp: list ports or 'all'"),
         ("tcp 22", "udp 53", "udp 53 is excluded but not allowed"),
         ("tcp 20-30", "tcp 25-35", "tcp 25-35 is excluded but only partly allowed"),
         ("tcp 20-30", "tcp 21, 21", "tcp 21 is listed twice"),
@@ -197,3 +198,8 @@ def test_grammar_soup_raises_only_port_policy_error(tokens: list[str]) -> None:
     except PortPolicyError:
         return
     assert PortPolicy.parse(str(policy)) == policy
+
+
+@pytest.mark.parametrize("text", ["tcp 22, 80 udp 53", "tcp 22 80, udp 53", "TCP 22,80;UDP 53"])
+def test_a_protocol_name_starts_its_own_list(text: str) -> None:
+    assert PortPolicy.parse(text).allow_text == "tcp 22, 80; udp 53"
