@@ -8,7 +8,6 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_not_required
-from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
@@ -20,6 +19,7 @@ from lazycat.core.forms import BoxSettingsForm, SetupForm
 from lazycat.core.http import AuthedHttpRequest
 from lazycat.core.metrics import registry
 from lazycat.core.models import AuditEvent, Box
+from lazycat.core.paging import paginate
 from lazycat.devices.models import Device, DeviceStatus, PathKind
 from lazycat.services.models import Service
 
@@ -83,12 +83,11 @@ def audit_log(request: AuthedHttpRequest) -> HttpResponse:
     action = request.GET.get("action", "").strip()
     if action:
         events = events.filter(action__startswith=action)
-    page = Paginator(events, 50).get_page(request.GET.get("page"))
     actions_seen = AuditEvent.objects.values_list("action", flat=True).distinct().order_by()
     return render(
         request,
         "core/audit.html",
-        {"page": page, "action": action, "actions": sorted(set(actions_seen))},
+        {"action": action, "actions": sorted(set(actions_seen)), **paginate(request, events, 50)},
     )
 
 

@@ -8,7 +8,6 @@ from datetime import timedelta
 import segno
 from django.conf import settings
 from django.contrib import messages
-from django.core.paginator import Paginator
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -18,6 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from lazycat.core.http import AuthedHttpRequest
 from lazycat.core.models import AuditEvent, Box
+from lazycat.core.paging import paginate
 from lazycat.devices import actions, push
 from lazycat.devices.forms import ApproveForm, DeviceFilterForm, NoteForm, RenameForm
 from lazycat.devices.models import Device, direct_share
@@ -37,18 +37,15 @@ def device_list(request: AuthedHttpRequest) -> HttpResponse:
     """Approved and decided devices, 100 a page, searchable; the approval inbox on top."""
     form = DeviceFilterForm(request.GET or None)
     devices = form.filter(Device.objects.listed()) if form.is_valid() else Device.objects.listed()
-    page = Paginator(devices, PAGE_SIZE).get_page(request.GET.get("page"))
-    query = request.GET.copy()
-    query.pop("page", None)
+    paging = paginate(request, devices, PAGE_SIZE)
     return render(
         request,
         "devices/list.html",
         {
             "pending": list(Device.objects.pending()),
-            "page": page,
-            "devices": page.object_list,
+            "devices": paging["page"].object_list,
             "filter_form": form,
-            "query": query.urlencode(),
+            **paging,
         },
     )
 
