@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 UP_LINE = re.compile(r"lazycat is up: (http://\S+)")
 
 
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for an init that does not reap counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

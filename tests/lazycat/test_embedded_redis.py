@@ -17,17 +17,9 @@ import pytest
 import redis
 
 from lazycat.embedded_redis import MAX_SOCKET_PATH, EmbeddedRedis, EmbeddedRedisError, ping
+from tests.stack import alive
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting for an init that does not reap counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return fields[0] != "Z"
 
 
 def _fake_server(tmp_path: Path, body: str) -> str:
@@ -43,7 +35,7 @@ def test_start_answers_on_the_socket_only_and_stop_ends_it(tmp_path: Path) -> No
     server.start()
     try:
         pid = server.pid
-        assert pid is not None and _alive(pid)
+        assert pid is not None and alive(pid)
         client = redis.Redis(unix_socket_path=str(sock))
         assert client.ping()
         assert client.config_get("port") == {"port": "0"}  # no TCP listener at all
@@ -54,7 +46,7 @@ def test_start_answers_on_the_socket_only_and_stop_ends_it(tmp_path: Path) -> No
     finally:
         server.stop()
     assert server.pid is None
-    assert not _alive(pid)
+    assert not alive(pid)
     assert not sock.exists()  # a clean shutdown removes the socket
 
 
@@ -64,7 +56,7 @@ def test_context_manager_starts_and_stops(tmp_path: Path) -> None:
         pid = server.pid
         assert pid is not None
         assert ping(sock)
-    assert not _alive(pid)
+    assert not alive(pid)
     assert not ping(sock)
 
 
@@ -142,7 +134,7 @@ def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path) -> None:
     started = time.monotonic()
     server.stop(timeout=0.5)
     assert time.monotonic() - started < 5
-    assert not _alive(pid)
+    assert not alive(pid)
     assert not sock.exists()
 
 

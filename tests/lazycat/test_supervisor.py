@@ -12,7 +12,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,25 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.stack import alive, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 STARTED = re.compile(r"lazycat\s+\| started (\S+) \(pid (\d+)\)")
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting for an init that does not reap counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return fields[0] != "Z"
 
 
 def _belongs_to(pid: int, data_dir: str) -> bool:
@@ -159,14 +145,14 @@ def _get(port: int, path: str) -> int:
 
 
 def test_up_serves_refuses_a_second_copy_restarts_a_crash_and_stops_clean(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = _env(tmp_path, LAZYCAT_LISTEN=f"127.0.0.1:{port}")
     up = Up(env)
     try:
         up.wait_for(rf"lazycat is up: http://127\.0\.0\.1:{port}/$", timeout=60)
         pids = up.child_pids()
         assert set(pids) == {"redis", "web", "worker", "beat"}, up.output()
-        assert all(_alive(pid) for group in pids.values() for pid in group)
+        assert all(alive(pid) for group in pids.values() for pid in group)
         up.wait_for(r"open it to create the owner account", timeout=10)
         assert _get(port, "/healthz") == 200
 
@@ -200,7 +186,7 @@ def test_up_serves_refuses_a_second_copy_restarts_a_crash_and_stops_clean(tmp_pa
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(timeout=20) == 0, up.output()
         every_pid = [pid for group in up.child_pids().values() for pid in group]
-        assert not [pid for pid in every_pid if _alive(pid)], up.output()
+        assert not [pid for pid in every_pid if alive(pid)], up.output()
         out = up.output()
         assert (
             out.index("stopping beat")
