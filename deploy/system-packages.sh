@@ -7,7 +7,8 @@
 set -euo pipefail
 
 runtime=(iproute2 nftables)
-test=(chromium)
+# chromium: the browser tests; coturn, stun-server: third-party STUN peers for interop tests
+test=(chromium coturn stun-server)
 
 case "${1:-runtime}" in
   runtime) wanted=("${runtime[@]}") ;;
