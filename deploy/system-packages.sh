@@ -7,8 +7,9 @@
 set -euo pipefail
 
 runtime=(iproute2 nftables)
-# chromium: the browser tests; coturn, stun-server: third-party STUN peers for interop tests
-test=(chromium coturn stun-server)
+# chromium: the browser tests; coturn, stun-server: third-party STUN peers for interop tests;
+# miniupnpd-nftables: a real UPnP IGD / NAT-PMP / PCP router for the port-mapping tests
+test=(chromium coturn stun-server miniupnpd-nftables)
 
 case "${1:-runtime}" in
   runtime) wanted=("${runtime[@]}") ;;
