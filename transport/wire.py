@@ -325,18 +325,35 @@ def _check_len(name: str, value: bytes, size: int) -> None:
         raise WireError(f"{name} must be {size} bytes")
 
 
+# The shortest Noise message each handshake step can be (an ephemeral key, or an encrypted
+# static key's tag): anything shorter is not a handshake message, whichever side built it.
+MIN_NOISE = {
+    MessageType.HANDSHAKE_INIT: KEY_LEN,
+    MessageType.HANDSHAKE_RESP: KEY_LEN,
+    MessageType.HANDSHAKE_FINAL: TAG_LEN,
+}
+
+
+def _check_noise(kind: MessageType, noise: bytes) -> None:
+    if len(noise) < MIN_NOISE[kind]:
+        raise WireError(f"a {kind.name.lower()} carries at least {MIN_NOISE[kind]} noise bytes")
+
+
 def encode_tunnel(msg: TunnelMessage) -> bytes:
     if isinstance(msg, HandshakeInit):
+        _check_noise(MessageType.HANDSHAKE_INIT, msg.noise)
         _check_len("mac1", msg.mac1, MAC_LEN)
         _check_len("mac2", msg.mac2, MAC_LEN)
         head = _INIT_HEAD.pack(MessageType.HANDSHAKE_INIT, msg.pattern, msg.sender)
         return head + msg.noise + msg.mac1 + msg.mac2
     if isinstance(msg, HandshakeResp):
+        _check_noise(MessageType.HANDSHAKE_RESP, msg.noise)
         _check_len("mac1", msg.mac1, MAC_LEN)
         _check_len("mac2", msg.mac2, MAC_LEN)
         head = _RESP_HEAD.pack(MessageType.HANDSHAKE_RESP, msg.pattern, msg.sender, msg.receiver)
         return head + msg.noise + msg.mac1 + msg.mac2
     if isinstance(msg, HandshakeFinal):
+        _check_noise(MessageType.HANDSHAKE_FINAL, msg.noise)
         _check_len("mac1", msg.mac1, MAC_LEN)
         _check_len("mac2", msg.mac2, MAC_LEN)
         head = _FINAL_HEAD.pack(MessageType.HANDSHAKE_FINAL, msg.pattern, msg.receiver)
@@ -369,7 +386,7 @@ def decode_tunnel(data: bytes) -> TunnelMessage:
         if kind == MessageType.HANDSHAKE_INIT:
             _, pattern, sender = _INIT_HEAD.unpack_from(data)
             body = data[_INIT_HEAD.size :]
-            if len(body) < 2 * MAC_LEN + 32:
+            if len(body) < 2 * MAC_LEN + MIN_NOISE[MessageType.HANDSHAKE_INIT]:
                 raise WireError("truncated handshake initiation")
             return HandshakeInit(
                 _pattern(pattern), sender, body[: -2 * MAC_LEN], body[-32:-16], body[-16:]
@@ -377,7 +394,7 @@ def decode_tunnel(data: bytes) -> TunnelMessage:
         if kind == MessageType.HANDSHAKE_RESP:
             _, pattern, sender, receiver = _RESP_HEAD.unpack_from(data)
             body = data[_RESP_HEAD.size :]
-            if len(body) < 2 * MAC_LEN + 32:
+            if len(body) < 2 * MAC_LEN + MIN_NOISE[MessageType.HANDSHAKE_RESP]:
                 raise WireError("truncated handshake response")
             return HandshakeResp(
                 _pattern(pattern), sender, receiver, body[:-32], body[-32:-16], body[-16:]
@@ -385,7 +402,7 @@ def decode_tunnel(data: bytes) -> TunnelMessage:
         if kind == MessageType.HANDSHAKE_FINAL:
             _, pattern, receiver = _FINAL_HEAD.unpack_from(data)
             body = data[_FINAL_HEAD.size :]
-            if len(body) < 2 * MAC_LEN + 16:
+            if len(body) < 2 * MAC_LEN + MIN_NOISE[MessageType.HANDSHAKE_FINAL]:
                 raise WireError("truncated final handshake message")
             return HandshakeFinal(
                 _pattern(pattern), receiver, body[:-32], body[-32:-16], body[-16:]
