@@ -94,6 +94,9 @@ Roaming
 Every *authenticated* message (a transport message that decrypts, a valid handshake message)
 from a source address the session did not have sets :attr:`Session.address` and, when it
 replaces a known one, emits :class:`EndpointChanged`. Unauthenticated datagrams never do.
+Neither do datagrams the caller received with ``roam=False``: those that came through a relay
+(``transport.peer`` passes a relay placeholder as their source, so replies to them can go back
+the same way, but a relay is not an address of the peer and must not become the session's).
 
 Using it
 ========
@@ -172,6 +175,7 @@ _LABEL_MAC1 = b"mac1----"
 _LABEL_COOKIE = b"cookie--"
 _ZERO_MAC = bytes(wire.MAC_LEN)
 _KEEPALIVE = bytes([wire.Inner.KEEPALIVE])
+_KEEPALIVE_FRAME = wire.Keepalive()
 _PACKET = bytes([wire.Inner.PACKET])
 
 # Noise message sizes (DH 32, tag 16): anything else is dropped before any Diffie-Hellman.
@@ -330,7 +334,8 @@ class PairingRequested:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class FrameReceived:
-    """An authenticated inner frame (keepalives are not reported)."""
+    """An authenticated inner frame. Keepalives are reported too (as ``wire.Keepalive()``):
+    they carry nothing, but they prove the path they came on is alive (``transport.paths``)."""
 
     peer_key: bytes
     frame: wire.InnerFrame
@@ -681,6 +686,7 @@ class Endpoint:
         self._dirty: set[Session] = set()
         self._sequence = itertools.count()
         self._wall_offset: float | None = None
+        self._roam = True  # the current datagram's roam flag (see receive)
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -725,10 +731,18 @@ class Endpoint:
     # --- the sans-IO surface --------------------------------------------------------------------
 
     def receive(
-        self, data: bytes, source: Address, now: float, wall: float | None = None
+        self,
+        data: bytes,
+        source: Address,
+        now: float,
+        wall: float | None = None,
+        *,
+        roam: bool = True,
     ) -> list[Event]:
         """Take one tunnel datagram from ``source``. Never raises on any input: what cannot be
-        used is dropped (and counted in :attr:`stats`)."""
+        used is dropped (and counted in :attr:`stats`). ``roam=False``: ``source`` is not the
+        peer's address (a relay placeholder), so it never becomes :attr:`Session.address`;
+        replies caused by this datagram are still queued to it."""
         if wall is not None:
             self._learn_wall(now, wall)
         events: list[Event] = []
@@ -736,6 +750,7 @@ class Endpoint:
             self.stats["empty"] += 1
             return events
         kind = data[0]
+        self._roam = roam
         try:
             if kind == wire.MessageType.TRANSPORT:
                 self._on_transport(data, source, now, events)
@@ -751,6 +766,8 @@ class Endpoint:
                 self.stats["not_tunnel"] += 1
         except wire.WireError:
             self.stats["malformed"] += 1
+        finally:
+            self._roam = True
         return events
 
     def datagrams_to_send(self) -> list[Datagram]:
@@ -823,6 +840,8 @@ class Endpoint:
         session = keys.session
         self._authenticated(session, keys, source, now, events)
         if plaintext == _KEEPALIVE:
+            # Reported (it proves the path alive) but never answered, so no passive keepalive.
+            events.append(FrameReceived(session.peer_key, _KEEPALIVE_FRAME, source, session))
             return
         try:
             frame = wire.decode_inner(plaintext)
@@ -856,7 +875,7 @@ class Endpoint:
                     events.append(SessionClosed(pairing.peer_key, pairing, "reconnected with IK"))
         session.last_received = now
         session._reply_expected_by = None
-        if source != session.address:
+        if self._roam and source != session.address:
             old, session.address = session.address, source
             if old is not None:
                 events.append(EndpointChanged(session.peer_key, old, source, session))
@@ -993,7 +1012,7 @@ class Endpoint:
         if old is not None:
             self._close(old)
         self._limit_pairing_sessions()
-        session = Session(self, peer, wire.Pattern.XK, False, source)
+        session = Session(self, peer, wire.Pattern.XK, False, source if self._roam else None)
         self._sessions[(peer, wire.Pattern.XK)] = session
         send_key, receive_key = _split(pending.conn)
         keys = _Keypair(

@@ -597,7 +597,8 @@ def test_passive_keepalive_after_10_s_and_keepalives_are_not_answered() -> None:
     world.box.handle_timer(world.now)
     [keepalive] = world.box.datagrams_to_send()
     assert keepalive.destination == CLIENT_ADDR
-    assert world.to_client(keepalive.data) == []  # authenticated, but nothing to report
+    # authenticated: reported, as path liveness for transport.paths, and nothing else
+    assert frames(world.to_client(keepalive.data)) == [wire.Keepalive()]
     assert client_session.last_received == world.now
     world.advance(KEEPALIVE_TIMEOUT + 1, deliver=False)
     assert world.client.datagrams_to_send() == []  # a keepalive is not answered
@@ -712,6 +713,36 @@ def test_roaming_follows_authenticated_packets_only() -> None:
     world.box.handle_timer(world.now + KEEPALIVE_TIMEOUT)
     [keepalive] = world.box.datagrams_to_send()
     assert keepalive.destination == ROAMED_ADDR
+
+
+def test_datagrams_received_without_roaming_never_move_the_session() -> None:
+    """What transport.peer does with datagrams that came through a relay: replies still go
+    back to the placeholder they came from, but the session keeps the peer's real address."""
+    relayed = ("relay:eu/00112233", 0)
+    world = World()
+    session = world.client.connect(world.box_keys.public)
+    events = world.box.receive(
+        session.initiate(world.now, world.wall), relayed, world.now, world.wall, roam=False
+    )
+    assert events == []
+    [response] = world.box.datagrams_to_send()
+    assert response.destination == relayed  # the answer goes back the way it came
+    world.to_client(response.data)
+    [confirm] = world.client.datagrams_to_send()
+    events = world.box.receive(confirm.data, relayed, world.now, world.wall, roam=False)
+    assert of_type(events, HandshakeCompleted)
+    assert frames(events) == [wire.Keepalive()]  # the confirmation: liveness, nothing more
+    box_session = world.box.session(world.client_keys.public)
+    assert box_session is not None and box_session.address is None
+    data = session.send(wire.Packet(b"direct now"), world.now)
+    assert data is not None
+    assert not of_type(world.to_box(data), EndpointChanged)  # first real address: no change
+    assert box_session.address == CLIENT_ADDR
+    data = session.send(wire.Packet(b"through the relay again"), world.now)
+    assert data is not None
+    events = world.box.receive(data, relayed, world.now, world.wall, roam=False)
+    assert frames(events) == [wire.Packet(b"through the relay again")]
+    assert not of_type(events, EndpointChanged) and box_session.address == CLIENT_ADDR
 
 
 def test_replay_from_another_address_does_not_move_the_session() -> None:

@@ -46,7 +46,7 @@ def communicator(
 
 async def test_anonymous_socket_is_refused(box):
     comm = communicator(None)
-    connected, code = await comm.connect(timeout=3)
+    connected, code = await comm.connect(timeout=10)
     assert not connected
     assert code == CLOSE_UNAUTHENTICATED
     await comm.disconnect()
@@ -55,7 +55,7 @@ async def test_anonymous_socket_is_refused(box):
 async def test_cross_origin_socket_is_refused(box):
     cookie = await session_cookie_for("owner")
     comm = communicator(cookie, origin=b"http://evil.example")
-    connected, _ = await comm.connect(timeout=3)
+    connected, _ = await comm.connect(timeout=10)
     assert not connected
     await comm.disconnect()
 
@@ -63,9 +63,9 @@ async def test_cross_origin_socket_is_refused(box):
 async def test_signed_in_console_gets_inbox_then_live_pending_device(box, owner):
     cookie = await session_cookie_for("owner")
     comm = communicator(cookie)
-    connected, _ = await comm.connect(timeout=3)
+    connected, _ = await comm.connect(timeout=10)
     assert connected
-    first = await comm.receive_from(timeout=3)
+    first = await comm.receive_from(timeout=10)
     assert 'id="approval-inbox"' in first and "request-" not in first
 
     def pair() -> None:
@@ -76,6 +76,6 @@ async def test_signed_in_console_gets_inbox_then_live_pending_device(box, owner)
         assert outcome.accepted
 
     await sync_to_async(pair)()
-    pushed = await comm.receive_from(timeout=3)
+    pushed = await comm.receive_from(timeout=10)
     assert 'hx-swap-oob="true"' in pushed and "Tablet" in pushed and "198.51.100.9" in pushed
     await comm.disconnect()
