@@ -316,7 +316,7 @@ if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"logfmt": {"()": "lazycat.core.logging.LogfmtFormatter"}},
+    "formatters": {"logfmt": {"()": "transport.logfmt.LogfmtFormatter"}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",

@@ -86,6 +86,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from transport import wire
+from transport.ratelimit import TokenBucket
 from transport.tickets import verify_ticket
 from transport.wire import (
     ANY_CLIENT,
@@ -176,28 +177,6 @@ class RelayStats:
     stun: int = 0
     expired: int = 0
     drops: Counter[str] = field(default_factory=Counter)
-
-
-class TokenBucket:
-    """A token bucket (rate per second, burst), refilled from the time passed in."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, now: float, amount: float = 1.0) -> bool:
-        elapsed = now - self.stamp
-        if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-            self.stamp = now
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
 
 
 class _Peer:

@@ -17,9 +17,9 @@ import os
 import signal
 import ssl
 import sys
-import time
 from collections.abc import Sequence
 
+from transport.logfmt import LogfmtFormatter
 from transport.relay import RelayConfig
 from transport.relay_aio import HAVE_UVLOOP, MAX_STREAM_FRAME, RelayServer, ServerConfig, run
 from transport.wire import Address
@@ -35,34 +35,6 @@ class UsageError(Exception):
 
 
 # --- logfmt on stdout ---------------------------------------------------------------------------
-
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-def _quote(value: object) -> str:
-    text = str(value)
-    if text and not any(c in text for c in ' "=\n\t'):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-class LogfmtFormatter(logging.Formatter):
-    """``ts=… level=… logger=… msg="…" key=value`` (the same shape as the console's logs)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [
-            f"ts={ts}.{int(record.msecs):03d}Z",
-            f"level={record.levelname.lower()}",
-            f"logger={record.name}",
-            f"msg={_quote(record.getMessage())}",
-        ]
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                parts.append(f"{key}={'[redacted]' if 'key' in key else _quote(value)}")
-        if record.exc_info:
-            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
-        return " ".join(parts)
 
 
 def setup_logging(level: str) -> None:

@@ -143,6 +143,7 @@ from noise.connection import Keypair as NoiseKeypair
 from noise.connection import NoiseConnection
 
 from transport import wire
+from transport.ratelimit import KeyedBuckets
 from transport.replay import ReplayWindow
 
 Address = wire.Address
@@ -265,46 +266,6 @@ def _rate_key(source: Address) -> bytes:
     except (ValueError, TypeError, IndexError):
         return repr(source).encode()
     return ip.packed if ip.version == 4 else ip.packed[:8]
-
-
-class RateLimiter:
-    """Token buckets by key with time passed in (the sans-IO rule is why this is not a library's
-    limiter: those read the clock themselves). ``rate`` tokens a second, at most ``burst``."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be positive and burst at least 1")
-        self.rate = rate
-        self.burst = burst
-        self.max_keys = max_keys
-        self._buckets: dict[bytes, tuple[float, float]] = {}
-
-    def allow(self, key: bytes, now: float) -> bool:
-        entry = self._buckets.get(key)
-        if entry is None:
-            if len(self._buckets) >= self.max_keys:
-                self.prune(now)
-                if len(self._buckets) >= self.max_keys:
-                    return False  # a spray of sources: no room to track another, refuse
-            tokens = self.burst
-        else:
-            tokens, last = entry
-            tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - 1.0, now)
-        return True
-
-    def prune(self, now: float) -> None:
-        """Forget buckets that have refilled: they hold nothing a fresh bucket would not."""
-        full = [
-            key
-            for key, (tokens, last) in self._buckets.items()
-            if tokens + (now - last) * self.rate >= self.burst
-        ]
-        for key in full:
-            del self._buckets[key]
 
 
 # --- events and datagrams -----------------------------------------------------------------------
@@ -668,7 +629,7 @@ class Endpoint:
         self._is_allowed = is_allowed
         self._allow_pairing = allow_pairing
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter only
-        self._limiter = RateLimiter(handshake_rate, handshake_burst)
+        self._limiter = KeyedBuckets(handshake_rate, handshake_burst)
         self._noise_static = NoiseKeyPair25519.from_private_bytes(keys.private)
         self._mac1_key = mac1_key(keys.public)
         self._cookie_sealer = ChaCha20Poly1305(cookie_key(keys.public))

@@ -74,13 +74,13 @@ from __future__ import annotations
 import binascii
 import secrets
 import struct
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import ClassVar, TypeVar
 
+from transport.ratelimit import KeyedBuckets
 from transport.wire import STUN_MAGIC_COOKIE, Address, WireError
 
 MAGIC_COOKIE = STUN_MAGIC_COOKIE
@@ -796,28 +796,6 @@ class BindingTransaction:
 Reply = tuple[bytes, Address, Address]  # (datagram, destination, local address to send from)
 
 
-class TokenBuckets:
-    """Per-key token buckets with an injected clock, bounded in size (least recently seen
-    keys are forgotten first, which only ever grants a forgotten key a fresh bucket)."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
-        if rate <= 0 or burst < 1 or max_keys < 1:
-            raise ValueError("rate > 0, burst >= 1, max_keys >= 1")
-        self.rate = rate
-        self.burst = burst
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def allow(self, key: str, now: float) -> bool:
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
-        allowed = tokens >= 1
-        self._buckets[key] = (tokens - 1 if allowed else tokens, now)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        return allowed
-
-
 @dataclass
 class StunResponder:
     """Answers Binding requests, sans-IO: ``handle(data, source, local, now)`` returns the
@@ -844,7 +822,7 @@ class StunResponder:
     rate: float = 20.0  # requests per second per source IP
     burst: float = 40.0
     max_sources: int = 4096
-    _limiter: TokenBuckets = field(init=False, repr=False)
+    _limiter: KeyedBuckets = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.primary is None) != (self.other is None):
@@ -856,7 +834,7 @@ class StunResponder:
                 raise ValueError("the other address must differ in both IP and port")
             if family_of(self.primary[0]) != family_of(self.other[0]):
                 raise ValueError("primary and other addresses must be of one family")
-        self._limiter = TokenBuckets(self.rate, self.burst, self.max_sources)
+        self._limiter = KeyedBuckets(self.rate, self.burst, self.max_sources)
 
     @property
     def rfc5780(self) -> bool:
@@ -978,7 +956,6 @@ __all__ = [
     "SourceAddress",
     "StunError",
     "StunResponder",
-    "TokenBuckets",
     "UnknownAttributes",
     "XorMappedAddress",
     "attribute_size",

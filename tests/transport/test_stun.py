@@ -29,7 +29,6 @@ from transport.stun import (
     SourceAddress,
     StunError,
     StunResponder,
-    TokenBuckets,
     UnknownAttributes,
     XorMappedAddress,
     decode,
@@ -680,15 +679,6 @@ def test_rate_limit_per_source_ip() -> None:
     assert responder.handle(request, (CLIENT[0], 1), SRV, 0.0) == []  # same IP, other port
     assert responder.handle(request, CLIENT, SRV, 0.5)  # one token back after 0.5 s at 2/s
     assert responder.handle(request, CLIENT, SRV, 0.5) == []
-
-
-def test_token_buckets_forget_the_oldest_sources() -> None:
-    buckets = TokenBuckets(rate=1.0, burst=1.0, max_keys=2)
-    assert buckets.allow("a", 0) and not buckets.allow("a", 0)
-    assert buckets.allow("b", 0) and buckets.allow("c", 0)
-    assert buckets.allow("a", 0)  # forgotten: a fresh bucket
-    with pytest.raises(ValueError):
-        TokenBuckets(rate=0, burst=1)
 
 
 def test_rfc5780_configuration_is_checked() -> None:

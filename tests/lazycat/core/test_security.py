@@ -18,10 +18,10 @@ from django.test import Client
 from django.urls import reverse
 
 from lazycat.core import health
-from lazycat.core.logging import LogfmtFormatter
 from lazycat.devices import actions
 from lazycat.devices.actions import DeviceFacts
 from lazycat.devices.models import Device
+from transport.logfmt import LogfmtFormatter
 
 pytestmark = pytest.mark.django_db
 

@@ -1,6 +1,8 @@
 """Structured log lines on stdout: logfmt (``ts=… level=… logger=… msg="…" key=value``).
 
-Fields passed with ``extra=`` become keys. Keys that could carry a secret are never printed.
+One formatter for every lazycat process — the console's (Django's LOGGING names it), the relay,
+the tunnel daemon and the client — so their logs read and parse alike. Fields passed with
+``extra=`` become keys. A key that could carry a secret is never printed: its value is replaced.
 """
 
 from __future__ import annotations
@@ -9,10 +11,15 @@ import logging
 import time
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-_REDACT = {"secret", "password", "key", "private_key", "token", "session", "cookie"}
+_SECRET_WORDS = ("secret", "password", "key", "token", "session", "cookie")
 
 
-def _quote(value: object) -> str:
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def quote(value: object) -> str:
     text = str(value)
     if text and not any(c in text for c in ' "=\n\t'):
         return text
@@ -26,12 +33,12 @@ class LogfmtFormatter(logging.Formatter):
             f"ts={ts}.{int(record.msecs):03d}Z",
             f"level={record.levelname.lower()}",
             f"logger={record.name}",
-            f"msg={_quote(record.getMessage())}",
+            f"msg={quote(record.getMessage())}",
         ]
         for key, value in vars(record).items():
             if key in _STANDARD or key.startswith("_"):
                 continue
-            parts.append(f"{key}={'[redacted]' if key in _REDACT else _quote(value)}")
+            parts.append(f"{key}={'[redacted]' if _is_secret(key) else quote(value)}")
         if record.exc_info:
-            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+            parts.append(f"exc={quote(self.formatException(record.exc_info))}")
         return " ".join(parts)
