@@ -1,0 +1,384 @@
+"""``lazycat-client``: the config directory, ``pair`` against a real box Peer (run in this
+process on loopback, behind a real ``RelayServer``), ``status --json`` and the friendly errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import IPv6Address
+from pathlib import Path
+
+import pytest
+
+from transport import wire
+from transport.addressing import box_address, box_prefix, device_address
+from transport.bundle import PairingBundle, Relay
+from transport.client_cli import UserError, bundle_extras, device_facts, main, run_pair
+from transport.client_config import ClientConfig, default_dir
+from transport.paths import Candidate, CandidateKind, Direct
+from transport.peer import PairingRequested, Peer
+from transport.peer_aio import PeerDriver
+from transport.relay_aio import RelayServer, ServerConfig
+from transport.session import Keys
+from transport.tickets import TicketKey
+
+LOOPBACK = ("127.0.0.1", 0)
+SECRET = bytes(range(16))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@dataclass
+class Box:
+    driver: PeerDriver
+    code: str
+    requests: list[PairingRequested]
+
+    @property
+    def key(self) -> bytes:
+        return self.driver.peer.keys.public
+
+
+async def start_box(answers: list[wire.PairStateFrame | None]) -> tuple[RelayServer, Box]:
+    """A relay and a box that answers each pairing request with ``answers`` in order (an
+    address of None in an APPROVED frame is replaced by the device's derived address)."""
+    relay = RelayServer(ServerConfig(udp=[LOOPBACK]))
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    ticket_key = TicketKey.generate()
+    keys = Keys.generate()
+    peer = Peer(keys, now=loop.time(), allow_pairing=True, ticket_public=ticket_key.public_bytes())
+
+    def loopback(port: int) -> list[Candidate]:
+        return [Candidate(CandidateKind.LAN, Direct("127.0.0.1", port))]
+
+    driver = PeerDriver(peer, gatherer=loopback, poll_interval=0)
+    await driver.start()
+    host, port = relay.addresses["udp"][0]
+    await driver.add_relay("r1", (host, port))
+    wall = int(time.time())
+    ticket = ticket_key.issue(wire.peer_id(keys.public), wire.ANY_CLIENT, wall + 600, now_wall=wall)
+    bundle = PairingBundle("mybox", keys.public, (Relay("r1", host, port),), SECRET, wall + 600)
+    code = bundle.to_text() + "&ticket=" + base64.urlsafe_b64encode(ticket.encode()).decode()
+    box = Box(driver, code.rstrip("="), [])
+
+    def on_event(event: object) -> None:
+        if isinstance(event, PairingRequested) and not box.requests:
+            box.requests.append(event)
+            for answer in answers:
+                if answer is None:
+                    continue
+                if answer.state is wire.PairState.APPROVED and answer.address is None:
+                    address = device_address(keys.public, event.peer_key, taken=set())
+                    answer = wire.PairStateFrame(answer.state, address, answer.message)
+                driver.send_frame(event.peer_key, answer, pattern=wire.Pattern.XK)
+
+    driver.callbacks.append(on_event)
+    return relay, box
+
+
+@pytest.fixture
+async def approving_box() -> AsyncIterator[Box]:
+    relay, box = await start_box(
+        [
+            wire.PairStateFrame(wire.PairState.PENDING, None, "shown to the owner"),
+            wire.PairStateFrame(wire.PairState.APPROVED, None, ""),
+        ]
+    )
+    try:
+        yield box
+    finally:
+        await box.driver.close()
+        await relay.stop()
+
+
+async def test_pair_saves_the_key_and_the_box_privately(approving_box: Box, tmp_path: Path) -> None:
+    config = ClientConfig(tmp_path / "cfg" / "lazycat-client")
+    out = io.StringIO()
+    async with asyncio.timeout(15):
+        paired = await run_pair(approving_box.code, config, timeout=10, gatherer=None, out=out)
+    [request] = approving_box.requests
+    device_key = config.load_key().public
+    assert request.peer_key == device_key and request.secret == SECRET
+    assert set(request.facts) == {"name", "os", "model", "client_version"}
+    assert paired.address == device_address(approving_box.key, device_key, taken=set())
+    text = out.getvalue()
+    assert "waiting for approval" in text and "shown to the owner" in text
+    assert f"approved: this device is {paired.address}" in text
+    # what is on disk, and who may read it
+    assert mode(config.path) == 0o700
+    assert mode(config.key_file) == 0o600 and mode(config.box_file) == 0o600
+    saved = json.loads(config.box_file.read_text())
+    assert saved["address"] == str(paired.address) and saved["box"] == "mybox"
+    assert saved["records"] == {
+        "mybox.heiyu.space": [str(box_address(box_prefix(approving_box.key)))]
+    }
+    assert config.load_box() == paired
+    assert [f.name for f in config.path.iterdir() if f.name.startswith(".")] == []
+
+
+async def test_a_rejected_device_hears_why(tmp_path: Path) -> None:
+    relay, box = await start_box([wire.PairStateFrame(wire.PairState.REJECTED, None, "not mine")])
+    config = ClientConfig(tmp_path)
+    try:
+        async with asyncio.timeout(15):
+            with pytest.raises(UserError, match="rejected this device: not mine"):
+                await run_pair(box.code, config, timeout=10, gatherer=None, out=io.StringIO())
+        assert config.load_box() is None
+    finally:
+        await box.driver.close()
+        await relay.stop()
+
+
+async def test_a_box_that_never_answers_times_out_with_advice(tmp_path: Path) -> None:
+    relay, box = await start_box([])
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(UserError, match="no decision from mybox within 1 s"):
+                await run_pair(box.code, ClientConfig(tmp_path), timeout=1, gatherer=None)
+    finally:
+        await box.driver.close()
+        await relay.stop()
+
+
+def test_bad_and_expired_codes_say_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config-dir", str(tmp_path), "pair", "hello"]) == 1
+    assert "this pairing code cannot be used" in capsys.readouterr().err
+    expired = PairingBundle("mybox", bytes(32), (Relay("r1", "192.0.2.1", 443),), SECRET, 1000)
+    assert main(["--config-dir", str(tmp_path), "pair", expired.to_text()]) == 1
+    assert "expired" in capsys.readouterr().err
+    with pytest.raises(UserError, match="ticket is damaged"):
+        bundle_extras(expired.to_text() + "&ticket=AAAA")
+
+
+def test_up_before_pairing_and_proxy_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config-dir", str(tmp_path), "up", "--mode", "tun"]) == 1
+    assert "not paired yet: run lazycat-client pair '<code>'" in capsys.readouterr().err
+    assert main(["--config-dir", str(tmp_path), "up", "--mode", "proxy"]) == 1
+    assert "--mode proxy" in capsys.readouterr().err
+    assert main(["--config-dir", str(tmp_path), "netcheck"]) == 1
+    assert "not paired yet" in capsys.readouterr().err
+
+
+def test_status_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = ClientConfig(tmp_path)
+    assert main(["--config-dir", str(tmp_path), "status", "--json"]) == 3
+    assert json.loads(capsys.readouterr().out) == {
+        "paired": False,
+        "box": None,
+        "address": None,
+        "running": False,
+    }
+    from transport.client_config import Paired
+
+    paired = Paired("mybox", bytes(32), IPv6Address("fc03:1136:38ab:cdef:1::5"), [])
+    config.save_box(paired)
+    # a running `up` (this process stands in for it: its pid is alive)
+    config.write(config.pid_file, f"{os.getpid()}\n".encode())
+    config.save_state(
+        {
+            "pid": os.getpid(),
+            "mode": "tun",
+            "tun": "lzc0",
+            "address": str(paired.address),
+            "connected": True,
+            "path": "direct-v4",
+            "endpoint": "198.51.100.20:41641",
+            "relay": "",
+            "rtt_ms": 12.5,
+            "rx_bytes": 100,
+            "tx_bytes": 200,
+            "nat_type": "port-restricted",
+            "updated_at": time.time(),
+        }
+    )
+    assert main(["--config-dir", str(tmp_path), "status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["running"] is True and report["paired"] is True
+    assert (report["path"], report["endpoint"], report["rtt_ms"]) == (
+        "direct-v4",
+        "198.51.100.20:41641",
+        12.5,
+    )
+    assert {"rx_bytes", "tx_bytes", "nat_type", "relay", "tun"} <= set(report)
+    assert main(["--config-dir", str(tmp_path), "status"]) == 0
+    text = capsys.readouterr().out
+    assert "direct (direct-v4) to 198.51.100.20:41641, 12.5 ms" in text
+
+
+def test_default_dir_follows_xdg() -> None:
+    assert default_dir({"XDG_CONFIG_HOME": "/x/cfg", "HOME": "/h"}) == Path("/x/cfg/lazycat-client")
+    assert default_dir({"XDG_CONFIG_HOME": "rel", "HOME": "/h"}) == Path(
+        "/h/.config/lazycat-client"
+    )
+
+
+def test_an_existing_loose_directory_is_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    path.mkdir(mode=0o755)
+    ClientConfig(path).load_or_create_key()
+    assert mode(path) == 0o700 and mode(path / "device.key") == 0o600
+
+
+def test_device_facts_fit_the_box_limits() -> None:
+    facts = device_facts()
+    limits = {"name": 100, "os": 64, "model": 100, "client_version": 32}
+    assert set(facts) == set(limits)
+    assert all(isinstance(v, str) and len(v) <= limits[k] for k, v in facts.items())
+    assert facts["name"]
+
+
+# --- up, for real, in a network namespace ---------------------------------------------------------
+
+UP_CHILD = r"""
+import asyncio, json, socket, struct, sys, time
+from ipaddress import IPv6Address
+from pathlib import Path
+import dns.message
+from pyroute2 import IPRoute
+from transport import wire
+from transport.addressing import RESOLVER, box_address, box_prefix, device_address
+from transport.bundle import Relay
+from transport.client_cli import run_up
+from transport.client_config import ClientConfig, Paired
+from transport.peer import Connected, PacketReceived, Peer
+from transport.peer_aio import PeerDriver
+from transport.relay_aio import RelayServer, ServerConfig
+from transport.session import Keys
+from transport.tickets import TicketKey
+
+def udp6(src, dst, sport, dport, payload):
+    length = 8 + len(payload)
+    pseudo = src.packed + dst.packed + struct.pack("!I3xB", length, 17)
+    data = pseudo + struct.pack("!HHHH", sport, dport, length, 0) + payload
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = (~total & 0xFFFF) or 0xFFFF
+    udp = struct.pack("!HHHH", sport, dport, length, csum) + payload
+    return struct.pack("!IHBB", 6 << 28, length, 17, 64) + src.packed + dst.packed + udp
+
+async def main():
+    out = {}
+    loop = asyncio.get_running_loop()
+    relay = RelayServer(ServerConfig(udp=[("127.0.0.1", 0)]))
+    await relay.start()
+    ticket_key, box_keys, device_keys = TicketKey.generate(), Keys.generate(), Keys.generate()
+    box_peer = Peer(box_keys, now=loop.time(), is_allowed={device_keys.public}.__contains__,
+                    ticket_public=ticket_key.public_bytes())
+    box = PeerDriver(box_peer, gatherer=None, poll_interval=0)
+    await box.start()
+    events = box.subscribe()
+    host, port = relay.addresses["udp"][0]
+    await box.add_relay("r1", (host, port))
+    wall = int(time.time())
+    ticket = ticket_key.issue(wire.peer_id(box_keys.public), wire.peer_id(device_keys.public),
+                              wall + 3600, now_wall=wall)
+    me = device_address(box_keys.public, device_keys.public, taken=set())
+    box_ip = box_address(box_prefix(box_keys.public))
+    config = ClientConfig(Path(sys.argv[1]))
+    config.write(config.key_file, __import__("base64").b64encode(device_keys.private) + b"\n")
+    config.save_box(Paired("mybox", box_keys.public, me, [Relay("r1", host, port)],
+                           tickets=[ticket.encode()], records={"mybox.heiyu.space": [box_ip]}))
+    stop = asyncio.Event()
+    up = loop.create_task(run_up(config, stop=stop, gatherer=None))
+    await events.wait_for(lambda e: isinstance(e, Connected), 10)
+    out["connected"] = True
+    # a program's datagram to the box's overlay address goes through the tunnel
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.sendto(b"hello box", (str(box_ip), 9999))
+    got = await events.wait_for(
+        lambda e: isinstance(e, PacketReceived) and e.packet[6] == 17, 10)
+    p = got.packet
+    out["box_got"] = {"src": str(IPv6Address(p[8:24])), "dst": str(IPv6Address(p[24:40])),
+                      "payload": p[48:].decode()}
+    # and the box's answer comes out of the TUN into a socket
+    r = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    r.bind((str(me), 4242)); r.setblocking(False)
+    box.send_packet(device_keys.public, udp6(box_ip, me, 7, 4242, b"hello device"))
+    data, addr = await asyncio.wait_for(loop.sock_recvfrom(r, 2048), 10)
+    out["device_got"] = {"payload": data.decode(), "from": addr[0]}
+    # names
+    q = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); q.setblocking(False)
+    query = dns.message.make_query("mybox.heiyu.space", "AAAA")
+    await loop.sock_sendto(q, query.to_wire(), (str(RESOLVER), 53))
+    reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(q, 2048), 5))
+    out["dns"] = [r.address for r in reply.answer[0]]
+    await asyncio.sleep(1.2)
+    state = config.load_state()
+    out["state"] = {k: state[k] for k in ("connected", "path", "relay", "address", "tun")}
+    out["state_bytes"] = state["tx_bytes"] > 0 and state["rx_bytes"] > 0
+    stop.set()
+    await asyncio.wait_for(up, 10)
+    def links():
+        with IPRoute() as ipr:  # pyroute2's sync API: not on the loop's thread
+            return ipr.link_lookup(ifname="lzc0")
+    out["tun_after"] = await loop.run_in_executor(None, links)
+    out["files_after"] = sorted(p.name for p in config.path.iterdir())
+    await box.close(); await relay.stop()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_up_in_a_namespace_tunnels_packets_and_answers_names(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    missing = None
+    if os.geteuid() != 0:
+        missing = "not root (network namespaces and /dev/net/tun need it)"
+    elif shutil.which("ip") is None:
+        missing = "ip not installed (Debian: iproute2)"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the client namespace test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    ns = f"lzcu{os.getpid()}"
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", UP_CHILD, str(tmp_path / "cfg")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    box_got = out["box_got"]
+    assert box_got["payload"] == "hello box" and box_got["dst"].endswith("::1")
+    assert out["device_got"] == {"payload": "hello device", "from": box_got["dst"]}
+    assert out["dns"] == [box_got["dst"]]
+    assert out["state"] == {
+        "connected": True,
+        "path": "relay",
+        "relay": "r1",
+        "address": box_got["src"],
+        "tun": "lzc0",
+    }
+    assert out["state_bytes"] is True
+    assert out["tun_after"] == []
+    assert out["files_after"] == ["box.json", "device.key"]
