@@ -309,6 +309,8 @@ LAZYCAT_OFFLINE_AFTER = _env_int("LAZYCAT_OFFLINE_AFTER", 180, 10, 86_400)
 LAZYCAT_METRICS_KEY = _env_secret("LAZYCAT_METRICS_KEY")
 # The box's static X25519 key pair; the private half never leaves this file.
 LAZYCAT_BOX_KEY_FILE = DATA_DIR / "box.key"
+# The box's Ed25519 key for the relay tickets it signs (pairing codes carry a pairing ticket).
+LAZYCAT_TICKET_KEY_FILE = DATA_DIR / "ticket.key"
 
 LOG_LEVEL = _env("LAZYCAT_LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -11,8 +11,13 @@ The text form is one URI, short enough for a QR code (about 160 characters with 
     key     the box's 32-byte X25519 static public key, base64url without padding (RFC 4648 sec. 5)
     secret  a 128-bit one-time pairing secret, base64url without padding
     exp     when the code expires, in unix seconds
-    relay   repeated, at least once: name@host:port, an IPv6 host in brackets (RFC 3986 sec. 3.2.2;
-            the brackets are percent-encoded in the query, as RFC 3986 requires, and accepted raw)
+    relay   repeated: name@host:port, an IPv6 host in brackets (RFC 3986 sec. 3.2.2; the
+            brackets are percent-encoded in the query, as RFC 3986 requires, and accepted raw)
+    lan     repeated: ip:port where the box answers on its own LAN (for pairing with no relay)
+    ticket  optional: the box's pairing ticket for its relays (``wire.Ticket`` for ANY_CLIENT,
+            base64url), without which a relay forwards nothing from a device it does not know
+
+A code names at least one relay or one LAN address: otherwise a client could not reach the box.
 
 Unknown parameters are ignored so a later 1.x box can add fields old clients skip; anything that
 changes the meaning of a field must bump ``v``. The secret is only proof of the owner's intent:
@@ -32,6 +37,7 @@ from ipaddress import IPv6Address, ip_address
 from urllib.parse import quote, unquote
 
 from transport.names import InvalidName, validate_hostname, validate_label
+from transport.wire import TICKET_LEN
 
 SCHEME = "lazycat"
 VERSION = 1
@@ -91,29 +97,43 @@ class Relay:
         return f"{host}:{self.port}"
 
 
-def _split_endpoint(name: str, text: str) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6]:port`` for relay ``name`` into the host and the port."""
+def _split_endpoint(what: str, text: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``; ``what`` names the field in error messages."""
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise BundleError(f"relay {name}: expected [IPv6 address]:port, got {text!r}")
+            raise BundleError(f"{what}: expected [IPv6 address]:port, got {text!r}")
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise BundleError(f"relay {name}: {text!r} has no port (expected host:port)")
+            raise BundleError(f"{what}: {text!r} has no port (expected host:port)")
         if ":" in host:
-            raise BundleError(f"relay {name}: write an IPv6 address in brackets, like [{host}]:443")
+            raise BundleError(f"{what}: write an IPv6 address in brackets, like [{host}]:443")
     if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise BundleError(f"relay {name}: {port_text!r} is not a port number")
+        raise BundleError(f"{what}: {port_text!r} is not a port number")
     return host, int(port_text)
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_lan(host: str, port: int) -> None:
+    """A LAN address is an IP literal (the box's own address on its LAN), never a name."""
+    try:
+        ip_address(host)
+    except ValueError:
+        raise BundleError(f"LAN address {host!r} is not an IP address") from None
+    if not 0 < port < 65536:
+        raise BundleError(f"LAN address {host}: port {port} is out of range (1-65535)")
 
 
 def _parse_relay(text: str, separator: str) -> Relay:
     name, sep, endpoint = (part.strip() for part in text.partition(separator))
     if not sep or not name:
         raise BundleError(f"relay {text!r}: expected name{separator}host:port")
-    host, port = _split_endpoint(name, endpoint)
+    host, port = _split_endpoint(f"relay {name}", endpoint)
     return Relay(name, host, port)
 
 
@@ -164,6 +184,8 @@ class PairingBundle:
     secret: bytes
     expires_at: int  # unix seconds
     version: int = VERSION
+    lan: tuple[tuple[str, int], ...] = ()
+    ticket: bytes = b""  # an encoded wire.Ticket, or empty
 
     def __post_init__(self) -> None:
         if self.version != VERSION:
@@ -177,10 +199,15 @@ class PairingBundle:
         if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_LENGTH:
             raise BundleError(f"the secret must be {SECRET_LENGTH} bytes")
         object.__setattr__(self, "relays", tuple(self.relays))
-        # Without a relay the client has no way to reach the box: the code carries no address.
-        if not self.relays:
-            raise BundleError("the code lists no relay")
+        object.__setattr__(self, "lan", tuple(self.lan))
+        # Without a relay or a LAN address the client has no way to reach the box.
+        if not self.relays and not self.lan:
+            raise BundleError("the code lists no relay and no LAN address")
         _check_relays(self.relays)
+        for host, port in self.lan:
+            _check_lan(host, port)
+        if self.ticket and len(self.ticket) != TICKET_LEN:
+            raise BundleError(f"the ticket must be {TICKET_LEN} bytes")
         if isinstance(self.expires_at, bool) or not isinstance(self.expires_at, int):
             raise BundleError("the expiry must be a whole number of unix seconds")
         if not 0 <= self.expires_at <= MAX_EXPIRES_AT:
@@ -200,6 +227,9 @@ class PairingBundle:
             f"exp={self.expires_at}",
         ]
         params += [f"relay={quote(f'{r.name}@{r.endpoint}', safe='@:')}" for r in self.relays]
+        params += [f"lan={quote(_endpoint(host, port), safe=':')}" for host, port in self.lan]
+        if self.ticket:
+            params.append(f"ticket={_encode(self.ticket)}")
         return _PREFIX + "&".join(params)
 
     @classmethod
@@ -212,6 +242,7 @@ class PairingBundle:
         query = text[len(_PREFIX) :].split("#", 1)[0]
         values: dict[str, str] = {}
         relay_texts: list[str] = []
+        lan_texts: list[str] = []
         for part in query.split("&"):
             if not part:
                 continue
@@ -219,6 +250,8 @@ class PairingBundle:
             key, value = unquote(key), unquote(value)
             if key == "relay":
                 relay_texts.append(value)
+            elif key == "lan":
+                lan_texts.append(value)
             elif key in values:
                 raise BundleError(f"the code has two {key!r} values")
             else:
@@ -248,4 +281,6 @@ class PairingBundle:
             secret=_decode(values["secret"], "secret", SECRET_LENGTH),
             expires_at=int(exp),
             version=VERSION,
+            lan=tuple(_split_endpoint("LAN address", text) for text in lan_texts),
+            ticket=_decode(values["ticket"], "ticket", TICKET_LEN) if values.get("ticket") else b"",
         )

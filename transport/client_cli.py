@@ -15,10 +15,8 @@ with the code's pairing ticket, and opens an XK session to the box carrying the 
 facts (name, OS, model, client version). The box answers with PAIR_STATE frames: PENDING while
 the owner decides, then APPROVED with our overlay address, or REJECTED / REFUSED with a reason.
 
-Two optional parameters of the code are read here until ``transport.bundle`` has fields for
-them (it ignores unknown parameters, so older clients are not hurt):
-``ticket=<base64url of the 104-byte pairing ticket>`` (the relay forwards nothing without a
-ticket the box signed) and ``lan=host:port`` (repeatable: the box on the LAN, tried directly).
+The code's pairing ticket (without one a relay forwards nothing) is presented to the relays,
+and its LAN addresses are tried directly as well.
 
 ``up`` runs in the foreground (``--background`` starts itself again detached, logging to
 ``up.log``); it writes ``up.pid`` and rewrites ``state.json`` every second for ``status``.
@@ -29,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
-import ipaddress
 import json
 import os
 import platform
@@ -46,7 +41,6 @@ from importlib import metadata
 from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import parse_qsl
 
 from transport import wire
 from transport.addressing import CLIENT_LOCAL, OVERLAY, RESOLVER, box_address, box_prefix
@@ -64,7 +58,7 @@ from transport.peer import (
 )
 from transport.peer_aio import Gatherer, PeerDriver, gather
 
-__all__ = ["UserError", "bundle_extras", "device_facts", "main", "run_pair", "run_up"]
+__all__ = ["UserError", "device_facts", "main", "run_pair", "run_up"]
 
 ZONE = "heiyu.space"
 PROXY_LATER = (
@@ -107,30 +101,6 @@ def device_facts() -> dict[str, str]:
         "model": model[:100],
         "client_version": client_version()[:32],
     }
-
-
-def bundle_extras(text: str) -> tuple[list[bytes], list[tuple[str, int]]]:
-    """The ``ticket`` and ``lan`` parameters of a pairing code (see the module docstring)."""
-    query = text.strip().partition("?")[2].split("#", 1)[0]
-    tickets: list[bytes] = []
-    lan: list[tuple[str, int]] = []
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "ticket":
-            try:
-                raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-                wire.Ticket.decode(raw)
-            except (binascii.Error, ValueError):
-                raise UserError("the code's ticket is damaged: copy the whole code again") from None
-            tickets.append(raw)
-        elif key == "lan":
-            host, _, port = value.rpartition(":")
-            host = host.strip("[]")
-            try:
-                ipaddress.ip_address(host)
-                lan.append((host, int(port)))
-            except ValueError:
-                raise UserError(f"the code's LAN address {value!r} is not ip:port") from None
-    return tickets, lan
 
 
 # --- the driver both commands use -----------------------------------------------------------
@@ -192,7 +162,8 @@ async def run_pair(
         raise UserError(
             "this pairing code has expired: show a new one in the box's console (Devices → Pair)"
         )
-    tickets, lan = bundle_extras(text)
+    tickets = [bundle.ticket] if bundle.ticket else []
+    lan = list(bundle.lan)
     existing = config.load_box()
     if existing is not None and existing.box_key != bundle.box_key:
         raise UserError(

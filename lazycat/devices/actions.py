@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,13 +23,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from lazycat import overlay
-from lazycat.core import audit
+from lazycat.core import audit, keys
 from lazycat.core.live import after_commit, send_to_transportd
 from lazycat.core.models import Box
 from lazycat.devices import push
 from lazycat.devices.models import Device, DeviceStatus, PairingCode, PathEvent, PathKind
-from transport import addressing, names
+from transport import addressing, names, wire
 from transport.bundle import PairingBundle
+from transport.tickets import PAIRING_TICKET_MAX_LIFETIME
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +58,23 @@ def do_create_pairing_code(box: Box, by: User) -> tuple[PairingCode, PairingBund
             target=code,
             after={"expires_at": expires_at.isoformat()},
         )
-    bundle = PairingBundle(
+    return code, PairingBundle(
         box=box.name,
         box_key=box.key,
         relays=settings.LAZYCAT_RELAYS,
         secret=secret,
         expires_at=int(expires_at.timestamp()),
+        ticket=_pairing_ticket(box, expires_at),
     )
-    return code, bundle
+
+
+def _pairing_ticket(box: Box, code_expires_at: datetime) -> bytes:
+    """A ticket letting any device reach the box through its relays until the code expires,
+    capped at the hour a pairing ticket may live (it is readable by anyone who sees the code)."""
+    now = int(time.time())
+    expires = min(int(code_expires_at.timestamp()), now + PAIRING_TICKET_MAX_LIFETIME)
+    ticket_key = keys.load_or_create_ticket_key(settings.LAZYCAT_TICKET_KEY_FILE)
+    return ticket_key.issue(wire.peer_id(box.key), wire.ANY_CLIENT, expires, now_wall=now).encode()
 
 
 def do_cancel_pairing_code(code: PairingCode, by: User) -> None:

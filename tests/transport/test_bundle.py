@@ -1,4 +1,5 @@
 import contextlib
+import re
 
 import pytest
 from hypothesis import given
@@ -199,3 +200,38 @@ def test_relay_endpoint_brackets_ipv6() -> None:
     assert HK.endpoint == "[2001:db8::1]:443"
     assert EU.endpoint == "relay.example.net:443"
     assert Relay("x", "2001:DB8:0::1", 1).host == "2001:db8::1"
+
+
+def test_lan_addresses_and_ticket_round_trip() -> None:
+    bundle = PairingBundle(
+        box="home",
+        box_key=bytes(range(32)),
+        relays=(),
+        secret=bytes(16),
+        expires_at=1_800_000_000,
+        lan=(("192.168.1.10", 7483), ("fd00::10", 7483)),
+        ticket=bytes(range(104)),
+    )
+    text = bundle.to_text()
+    assert "lan=192.168.1.10:7483" in text and "ticket=" in text
+    assert PairingBundle.parse(text) == bundle
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("&lan=box.lan:7483", "LAN address 'box.lan' is not an IP address"),
+        ("&lan=192.168.1.10", "LAN address: '192.168.1.10' has no port"),
+        ("&ticket=AAAA", "the ticket must be 104 bytes"),
+    ],
+)
+def test_bad_lan_address_or_ticket_says_what(extra: str, message: str) -> None:
+    good = PairingBundle("home", bytes(32), (Relay("eu", "192.0.2.1", 443),), bytes(16), 1000)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        PairingBundle.parse(good.to_text() + extra)
+
+
+def test_a_code_with_only_a_lan_address_is_enough_and_with_neither_is_refused() -> None:
+    assert PairingBundle("home", bytes(32), (), bytes(16), 1000, lan=(("10.0.0.2", 1),)).lan
+    with pytest.raises(BundleError, match="no relay and no LAN address"):
+        PairingBundle("home", bytes(32), (), bytes(16), 1000)

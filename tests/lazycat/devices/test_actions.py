@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import stat
+import time
 from datetime import timedelta
 from ipaddress import IPv6Address
 
@@ -11,13 +13,15 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
+from lazycat.core import keys
 from lazycat.core.live import CONSOLE_GROUP, TRANSPORTD_GROUP
 from lazycat.core.models import AuditEvent
 from lazycat.devices import actions
 from lazycat.devices.actions import DeviceFacts, PathReport, Refusal
 from lazycat.devices.models import Device, DeviceStatus, PairingCode, PathEvent, PathKind
-from transport import addressing
+from transport import addressing, wire
 from transport.bundle import PairingBundle
+from transport.tickets import PAIRING_TICKET_MAX_LIFETIME, verify_ticket
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,6 +77,21 @@ def test_pairing_code_is_stored_hashed_and_bundle_carries_secret(box, owner):
     parsed = PairingBundle.parse(bundle.to_text())
     assert parsed == bundle
     assert 590 <= bundle.expires_at - timezone.now().timestamp() <= 600
+
+
+def test_pairing_code_carries_a_pairing_ticket_signed_by_the_box(box, owner, settings):
+    _, bundle = actions.do_create_pairing_code(box, owner)
+    ticket = wire.Ticket.decode(bundle.ticket)
+    assert ticket.box == wire.peer_id(box.key) and ticket.client == wire.ANY_CLIENT
+    assert ticket.expires == bundle.expires_at
+    key_file = settings.LAZYCAT_TICKET_KEY_FILE
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    signer = keys.load_or_create_ticket_key(key_file)
+    assert verify_ticket(ticket, signer.public_bytes(), time.time()) is None
+    # A code that outlives the hour a pairing ticket may live gets a ticket capped at that hour.
+    settings.LAZYCAT_PAIRING_TTL = 24 * 3600
+    _, long = actions.do_create_pairing_code(box, owner)
+    assert wire.Ticket.decode(long.ticket).expires <= time.time() + PAIRING_TICKET_MAX_LIFETIME
 
 
 def test_request_with_valid_code_records_pending_device_and_uses_code(box, owner):
