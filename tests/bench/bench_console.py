@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import re
 import statistics
 import sys
@@ -29,22 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.machine import describe
 from tests.stack import Stack
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{platform.node()} · {cpu} · {os.cpu_count()} cores · Python {platform.python_version()}"
-        f" · {platform.system()} {platform.release()}"
-    )
 
 
 def pct(values: list[float], p: float) -> float:
@@ -207,7 +191,7 @@ def main() -> int:
     parser.add_argument("--list-runs", type=int, default=30)
     args = parser.parse_args()
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     with Stack() as stack:
         stack.django()
         from lazycat.devices.actions import PathReport, do_report_path

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import platform
 import re
 import signal
 import socket
@@ -44,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.bench.machine import describe  # noqa: E402
 from transport.relay import RelayClient  # noqa: E402
 from transport.relay_aio import HAVE_UVLOOP, new_event_loop  # noqa: E402
 from transport.tickets import TicketKey  # noqa: E402
@@ -51,19 +51,6 @@ from transport.tickets import TicketKey  # noqa: E402
 PAYLOAD = 1400
 BASE_REGISTER = b"REG"
 BASE_COUNT = b"?"
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{platform.node()} · {cpu} · {os.cpu_count()} cores · Python "
-        f"{platform.python_version()} · {platform.system()} {platform.release()}"
-    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -390,7 +377,7 @@ def main() -> None:
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio's own event loop")
     args = parser.parse_args()
     loop_name = "asyncio" if args.no_uvloop or not HAVE_UVLOOP else "uvloop"
-    print(f"machine: {machine()} · forwarders' event loop: {loop_name}")
+    print(f"machine: {describe()} · forwarders' event loop: {loop_name}")
     print(
         f"payload {PAYLOAD} B; forwarder on CPU 0, {args.generators} generator processes on the "
         f"other CPUs; {args.runs} runs x {args.seconds:.0f} s windows; medians\n"

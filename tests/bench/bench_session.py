@@ -20,37 +20,20 @@ Every figure is the median of ``--runs`` runs (default 5). Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.machine import describe
 from transport import wire
 from transport.session import Endpoint, FrameReceived, HandshakeCompleted, Keys, Session
 
 BOX = ("203.0.113.10", 51820)
 CLIENT = ("198.51.100.20", 40000)
 WALL0 = 1_767_225_600.0
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu} · {os.cpu_count()} cores · Python {platform.python_version()} · "
-        f"cryptography {version('cryptography')} · noiseprotocol {version('noiseprotocol')}"
-    )
 
 
 def endpoints() -> tuple[Endpoint, Endpoint, Keys]:
@@ -116,7 +99,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1400)
     parser.add_argument("--handshakes", type=int, default=1000)
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {describe('cryptography', 'noiseprotocol')}")
     packets = [bench_packets(args.packets, args.size) for _ in range(args.runs)]
     handshakes = [bench_handshakes(args.handshakes) for _ in range(args.runs)]
     both, seal, opened = (statistics.median(run[i] for run in packets) for i in range(3))
