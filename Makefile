@@ -37,8 +37,11 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Each prints the machine and its figures; docs/benchmarks.md records them with the command.
 bench: install
 	$(BIN)/python tests/bench/bench_console.py
+	$(BIN)/python tests/bench/bench_session.py
+	$(BIN)/python tests/bench/bench_relay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
