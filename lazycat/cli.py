@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run one process of the box in the foreground (used by the systemd units)"
     )
-    run.add_argument("name", help="redis, web, worker or beat")
+    run.add_argument("name", help="redis, web, worker, beat or transportd")
     run.set_defaults(func=cmd_run)
     check = commands.add_parser("check", help="load the settings and show what is configured")
     check.set_defaults(func=cmd_check)

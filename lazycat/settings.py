@@ -60,12 +60,13 @@ def _env_secret(name: str) -> str:
     return _env(name)
 
 
-def _listen(raw: str) -> tuple[str, int]:
+def _listen(raw: str, name: str = "LAZYCAT_LISTEN", port_example: int = 8470) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ImproperlyConfigured(
-            f"LAZYCAT_LISTEN={raw!r}: expected host:port, e.g. 127.0.0.1:8470 or [::]:8470"
+            f"{name}={raw!r}: expected host:port, "
+            f"e.g. 127.0.0.1:{port_example} or [::]:{port_example}"
         )
     return host, int(port)
 
@@ -292,6 +293,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "lazycat.devices.tasks.mark_stale_devices_offline",
         "schedule": 30,
     },
+    "check-box-network": {"task": "lazycat.core.tasks.check_box_network", "schedule": 600},
 }
 
 # --- lazycat ----------------------------------------------------------------------------------
@@ -307,6 +309,13 @@ LAZYCAT_PAIRING_RATE = _env_int("LAZYCAT_PAIRING_RATE", 10, 1, 10_000)
 LAZYCAT_OFFLINE_AFTER = _env_int("LAZYCAT_OFFLINE_AFTER", 180, 10, 86_400)
 # /metrics is served only with this key (Authorization: Bearer <key>); unset = /metrics is off.
 LAZYCAT_METRICS_KEY = _env_secret("LAZYCAT_METRICS_KEY")
+# The tunnel daemon's (transportd) UDP socket: devices and relays reach the box here. [::] is
+# dual-stack (IPv4 too); the port goes into pairing codes as the box's LAN address.
+LAZYCAT_TUNNEL_LISTEN = _listen(
+    _env("LAZYCAT_TUNNEL_LISTEN", "[::]:7483"), "LAZYCAT_TUNNEL_LISTEN", 7483
+)
+# Open the TUN interface lzc0 (needs CAP_NET_ADMIN); without it pairing and paths still work.
+LAZYCAT_TUNNEL_TUN = _env_bool("LAZYCAT_TUNNEL_TUN", True)
 # The box's static X25519 key pair; the private half never leaves this file.
 LAZYCAT_BOX_KEY_FILE = DATA_DIR / "box.key"
 # The box's Ed25519 key for the relay tickets it signs (pairing codes carry a pairing ticket).

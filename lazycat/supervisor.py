@@ -142,9 +142,13 @@ def process_specs(settings: Any) -> list[ProcessSpec]:
             ready=lambda child: child.saw("beat: Starting") or child.uptime() >= 2.0,
             ready_timeout=30.0,
         ),
-        # transportd (the tunnel endpoint) goes here once it exists, e.g.
-        # ProcessSpec(name="transportd", argv=(python, "-m", "lazycat.transportd"),
-        #             ready=<ask it over its control socket>),
+        # The tunnel endpoint: ready once its socket is bound and its relays are added.
+        ProcessSpec(
+            name="transportd",
+            argv=(python, "-m", "lazycat.tunnel"),
+            ready=lambda child: child.saw("transportd is up"),
+            ready_timeout=30.0,
+        ),
     ]  # fmt: skip
 
 

@@ -51,7 +51,11 @@ class Stack:
                 "DJANGO_SETTINGS_MODULE": "lazycat.settings",
                 "LAZYCAT_DATA_DIR": str(self.data_dir),
                 "LAZYCAT_LISTEN": f"127.0.0.1:{self.port}",
-                "LAZYCAT_RELAYS": "home=203.0.113.10:3478",
+                # transportd registers at the relays: keep its traffic on loopback (nothing
+                # listens there; the console only shows the relay's name)
+                "LAZYCAT_RELAYS": f"home=127.0.0.1:{free_port()}",
+                "LAZYCAT_TUNNEL_LISTEN": f"127.0.0.1:{free_port()}",
+                "LAZYCAT_TUNNEL_TUN": "false",
                 "LAZYCAT_SECRET_KEY": secrets.token_urlsafe(40),
                 "PYTHONUNBUFFERED": "1",
             }

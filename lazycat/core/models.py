@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import models
 
 from transport import addressing, names
+from transport.explain import NatFacts, describe_nat
 
 
 def key_fingerprint(public_key: bytes) -> str:
@@ -98,3 +99,46 @@ class AuditEvent(models.Model):
         before, after = self.before or {}, self.after or {}
         keys = sorted(set(before) | set(after))
         return [(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]
+
+
+class BoxNetcheckQuerySet(models.QuerySet["BoxNetcheck"]):
+    def latest_run(self) -> BoxNetcheck | None:
+        """The newest run (one indexed query, whatever the history's length)."""
+        return self.order_by("-at", "-pk").first()
+
+
+class BoxNetcheck(models.Model):
+    """One run of the box's own network check (transport.netcheck), newest kept a while.
+
+    The columns the console shows are copied out of the report so that the dashboard reads
+    one row; the whole report stays in `report` for debugging.
+    """
+
+    at = models.DateTimeField(db_index=True)
+    report = models.JSONField(help_text="NetcheckReport.to_json()")
+    nat_type = models.CharField(max_length=16)
+    udp = models.BooleanField(default=True)
+    ipv6 = models.BooleanField(default=False)
+    reflexive = models.CharField(max_length=64, blank=True)
+    # "ip:port" the box's router forwards to the box (PCP / NAT-PMP / UPnP). The tunnel daemon
+    # fills it once it holds a mapping; "": no mapping known.
+    port_mapping = models.CharField(max_length=64, blank=True)
+    # [{"name": ..., "rtt_ms": float | None}], in the order the relays are configured.
+    relay_latencies = models.JSONField(default=list)
+    summary = models.TextField(blank=True)
+
+    objects = BoxNetcheckQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-at", "-pk"]
+        verbose_name = "box network check"
+
+    def __str__(self) -> str:
+        return f"netcheck {self.at:%Y-%m-%d %H:%M:%S} {self.nat_type}"
+
+    @property
+    def nat_description(self) -> str:
+        return describe_nat(self.nat_type)
+
+    def nat_facts(self) -> NatFacts:
+        return NatFacts.from_report(self.report, port_mapping=bool(self.port_mapping))

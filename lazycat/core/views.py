@@ -11,10 +11,10 @@ from django.contrib.auth.decorators import login_not_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lazycat.core import actions, health
+from lazycat.core import actions, health, push, tasks
 from lazycat.core.forms import BoxSettingsForm, SetupForm
 from lazycat.core.http import AuthedHttpRequest
 from lazycat.core.metrics import registry
@@ -73,8 +73,23 @@ def dashboard(request: AuthedHttpRequest) -> HttpResponse:
         },
         "services": Service.objects.count(),
         "recent": AuditEvent.objects.select_related(None)[:8],
+        **push.netcheck_context(),
     }
     return render(request, "core/dashboard.html", context)
+
+
+@require_POST
+def check_network(request: AuthedHttpRequest) -> HttpResponse:
+    """ "Check now": queue the box's netcheck. The result reaches the card by the console push
+    (a run takes a few seconds); htmx gets the card back marked as checking."""
+    if not settings.LAZYCAT_RELAYS:
+        messages.error(request, "No relay is configured: set LAZYCAT_RELAYS to check the network.")
+        return redirect("core:dashboard")
+    tasks.check_box_network.delay()
+    if request.headers.get("HX-Request"):
+        return render(request, "core/_netcheck.html", {**push.netcheck_context(), "checking": True})
+    messages.info(request, "Checking the box's network; the card updates in a few seconds.")
+    return redirect("core:dashboard")
 
 
 @require_GET

@@ -7,8 +7,10 @@ Each ``do_*`` function owns its transaction, writes the audit log, and publishes
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import secrets
+import socket
 import time
 import unicodedata
 from collections.abc import Callable
@@ -65,7 +67,37 @@ def do_create_pairing_code(box: Box, by: User) -> tuple[PairingCode, PairingBund
         secret=secret,
         expires_at=int(expires_at.timestamp()),
         ticket=_pairing_ticket(box, expires_at),
+        lan=box_lan_addresses(),
     )
+
+
+def box_lan_addresses() -> tuple[tuple[str, int], ...]:
+    """Where devices on the box's own network reach the tunnel: the address of
+    LAZYCAT_TUNNEL_LISTEN when it names one, else the address this host would use to reach the
+    internet (a UDP ``connect()`` to 6.6.6.6, which sends nothing), with the tunnel's port.
+    None when that is a loopback address (no other device could use it) or there is no route."""
+    host, port = settings.LAZYCAT_TUNNEL_LISTEN
+    try:
+        bound = ipaddress.ip_address(host)
+    except ValueError:
+        return ()
+    if bound.is_unspecified:  # every interface ([::] takes IPv4 too): the LAN's IPv4 address
+        found = _egress_ipv4()
+        if found is None:
+            return ()
+        bound = found
+    if bound.is_loopback or bound.is_link_local or bound.is_unspecified:
+        return ()
+    return ((str(bound), port),)
+
+
+def _egress_ipv4() -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("6.6.6.6", 53))  # a UDP connect() only picks a route: nothing is sent
+            return ipaddress.ip_address(probe.getsockname()[0])
+        except OSError:
+            return None
 
 
 def _pairing_ticket(box: Box, code_expires_at: datetime) -> bytes:
@@ -462,3 +494,40 @@ def do_mark_stale_devices_offline(now: datetime | None = None) -> int:
         )
         count += 1
     return count
+
+
+# --- the device's own network check --------------------------------------------------------------
+
+NETCHECK_MAX_BYTES = 64 * 1024  # a real report is a few KiB; a device must not fill the database
+
+
+class NetcheckRejected(ValueError):
+    """A device's netcheck report that is not a JSON object of sane size."""
+
+
+def do_record_device_netcheck(device: Device, report_json: dict[str, object]) -> Device:
+    """Store the netcheck report a device sent (``NetcheckReport.to_json()``) and its NAT type,
+    then push its state panel: the relay reasons on the device page are computed from it.
+
+    The report comes from the device, so it is only checked to be a JSON object of bounded
+    size; what it says is read defensively (``transport.explain.NatFacts.from_report``)."""
+    import json
+
+    from transport.explain import NatFacts
+
+    if not isinstance(report_json, dict):
+        raise NetcheckRejected("a netcheck report is a JSON object")
+    try:
+        size = len(json.dumps(report_json, allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise NetcheckRejected(f"not plain JSON: {exc}") from None
+    if size > NETCHECK_MAX_BYTES:
+        raise NetcheckRejected(f"report of {size} bytes; at most {NETCHECK_MAX_BYTES}")
+    facts = NatFacts.from_report(report_json)
+    with transaction.atomic():
+        device.netcheck = report_json
+        device.nat_type = str(facts.nat_type)
+        device.netcheck_at = timezone.now()
+        device.save(update_fields=["netcheck", "nat_type", "netcheck_at"])
+        after_commit(push.device_changed, device.pk)
+    return device

@@ -9,7 +9,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-from lazycat.core.models import key_fingerprint
+from lazycat.core.models import BoxNetcheck, key_fingerprint
+from transport.explain import BOX_PORT, NatFacts, Reason, explain_relay
 
 
 class DeviceStatus(models.TextChoices):
@@ -87,6 +88,12 @@ class Device(models.Model):
     connected_since = models.DateTimeField(null=True, blank=True)
     path_cause = models.CharField(max_length=200, blank=True)
 
+    # The device's own netcheck (NetcheckReport.to_json()), as it last reported it, and its NAT
+    # type copied out for lists. None / "": never reported. Written by do_record_device_netcheck.
+    netcheck = models.JSONField(null=True, blank=True)
+    nat_type = models.CharField(max_length=16, blank=True)
+    netcheck_at = models.DateTimeField(null=True, blank=True)
+
     objects = DeviceQuerySet.as_manager()
 
     class Meta:
@@ -112,6 +119,16 @@ class Device(models.Model):
         if self.path == PathKind.RELAY and self.relay:
             return f"relay {self.relay}"
         return str(self.path_kind.label)
+
+    def relay_reasons(self, box_check: BoxNetcheck | None) -> list[Reason]:
+        """Why this device is relayed, from the box's latest netcheck and the device's own;
+        [] unless it is on the relay now (or when nothing measured explains it)."""
+        if self.path != PathKind.RELAY:
+            return []
+        box = box_check.nat_facts() if box_check is not None else NatFacts.not_measured()
+        # The tunnel's UDP port, for "forward UDP port N to the box".
+        listen = getattr(settings, "LAZYCAT_TUNNEL_LISTEN", ("", BOX_PORT))
+        return explain_relay(box, NatFacts.from_report(self.netcheck), box_port=listen[1])
 
     @property
     def is_approved(self) -> bool:

@@ -13,7 +13,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from lazycat.core.live import send_to_consoles
-from lazycat.core.models import Box
+from lazycat.core.models import Box, BoxNetcheck
 from lazycat.devices.models import Device, direct_share
 
 TIMELINE_LENGTH = 50
@@ -38,6 +38,7 @@ def device_changed(device_id: int, fresh: bool = False) -> None:
         "box_fqdn": box.fqdn if box else "",
         "events": device.path_events.all()[:TIMELINE_LENGTH],
         "direct_share": direct_share(device, timezone.now(), timedelta(hours=24)),
+        "relay_reasons": device.relay_reasons(BoxNetcheck.objects.latest_run()),
         "oob": True,
         "fresh": fresh,
     }

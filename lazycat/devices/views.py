@@ -16,7 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from lazycat.core.http import AuthedHttpRequest
-from lazycat.core.models import AuditEvent, Box
+from lazycat.core.models import AuditEvent, Box, BoxNetcheck
 from lazycat.core.paging import paginate
 from lazycat.devices import actions, push
 from lazycat.devices.forms import ApproveForm, DeviceFilterForm, NoteForm, RenameForm
@@ -61,6 +61,7 @@ def device_detail(request: AuthedHttpRequest, pk: int) -> HttpResponse:
             "device": device,
             "events": device.path_events.all()[: push.TIMELINE_LENGTH],
             "direct_share": share,
+            "relay_reasons": device.relay_reasons(BoxNetcheck.objects.latest_run()),
             "approve_form": ApproveForm(),
             "rename_form": RenameForm(initial={"name": device.name}),
             "note_form": NoteForm(),
@@ -80,8 +81,8 @@ def pair(request: AuthedHttpRequest) -> HttpResponse:
     it cannot be shown again: a reload asks for a new one)."""
     if request.method == "GET":
         return render(request, "devices/pair.html", {})
-    if not settings.LAZYCAT_RELAYS:
-        # A code carries no box address: without a relay a device has no way to reach the box.
+    if not settings.LAZYCAT_RELAYS and not actions.box_lan_addresses():
+        # Without a relay and without a LAN address a device has no way to reach the box.
         messages.error(
             request,
             "No relay is configured, so a device would have no way to reach the box. "

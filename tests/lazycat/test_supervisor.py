@@ -146,12 +146,17 @@ def _get(port: int, path: str) -> int:
 
 def test_up_serves_refuses_a_second_copy_restarts_a_crash_and_stops_clean(tmp_path: Path) -> None:
     port = free_port()
-    env = _env(tmp_path, LAZYCAT_LISTEN=f"127.0.0.1:{port}")
+    env = _env(
+        tmp_path,
+        LAZYCAT_LISTEN=f"127.0.0.1:{port}",
+        LAZYCAT_TUNNEL_LISTEN=f"127.0.0.1:{free_port()}",
+        LAZYCAT_TUNNEL_TUN="false",
+    )
     up = Up(env)
     try:
         up.wait_for(rf"lazycat is up: http://127\.0\.0\.1:{port}/$", timeout=60)
         pids = up.child_pids()
-        assert set(pids) == {"redis", "web", "worker", "beat"}, up.output()
+        assert set(pids) == {"redis", "web", "worker", "beat", "transportd"}, up.output()
         assert all(alive(pid) for group in pids.values() for pid in group)
         up.wait_for(r"open it to create the owner account", timeout=10)
         assert _get(port, "/healthz") == 200
@@ -189,7 +194,8 @@ def test_up_serves_refuses_a_second_copy_restarts_a_crash_and_stops_clean(tmp_pa
         assert not [pid for pid in every_pid if alive(pid)], up.output()
         out = up.output()
         assert (
-            out.index("stopping beat")
+            out.index("stopping transportd")
+            < out.index("stopping beat")
             < out.index("stopping worker")
             < out.index("stopping web")
             < out.index("stopping redis")

@@ -343,3 +343,14 @@ def test_expire_pairing_codes_drops_old_rows(box, owner):
     new_code(box, owner)
     assert actions.do_expire_pairing_codes() == 1
     assert PairingCode.objects.count() == 1
+
+
+def test_pairing_code_carries_the_box_lan_address(box, owner, settings):
+    settings.LAZYCAT_TUNNEL_LISTEN = ("192.0.2.20", 7483)  # bound to one address: that one
+    _, bundle = actions.do_create_pairing_code(box, owner)
+    assert bundle.lan == (("192.0.2.20", 7483),)
+    settings.LAZYCAT_TUNNEL_LISTEN = ("127.0.0.1", 7483)  # loopback: no other device can use it
+    assert actions.box_lan_addresses() == ()
+    settings.LAZYCAT_TUNNEL_LISTEN = ("::", 7483)  # every interface: the route to the internet
+    found = actions.box_lan_addresses()
+    assert all(port == 7483 and not host.startswith("127.") for host, port in found)

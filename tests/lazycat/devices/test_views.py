@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from lazycat.devices import actions
 from lazycat.devices.actions import DeviceFacts, PathReport
-from lazycat.devices.models import Device, DeviceStatus, PathKind
+from lazycat.devices.models import Device, DeviceStatus, PairingCode, PathKind
 from transport.bundle import PairingBundle
 
 pytestmark = pytest.mark.django_db
@@ -140,3 +140,14 @@ def test_list_paginates_and_filters(owner_client, box, owner, settings, monkeypa
     assert "data-append-new" not in html  # a filtered page never grows by push
     html = owner_client.get(reverse("devices:list"), {"path": "relay"}).content.decode()
     assert html.count('class="device-row') == 3 and "path-relay" in html
+
+
+def test_pair_needs_a_relay_or_a_lan_address(owner_client, settings):
+    settings.LAZYCAT_RELAYS = []
+    settings.LAZYCAT_TUNNEL_LISTEN = ("127.0.0.1", 7483)  # no LAN address either
+    response = owner_client.post(reverse("devices:pair"), follow=True)
+    assert "No relay is configured" in response.content.decode()
+    assert not PairingCode.objects.exists()
+    settings.LAZYCAT_TUNNEL_LISTEN = ("192.0.2.20", 7483)  # a LAN address alone suffices
+    html = owner_client.post(reverse("devices:pair")).content.decode()
+    assert "lan=192.0.2.20:7483" in html and PairingCode.objects.count() == 1
