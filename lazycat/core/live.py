@@ -6,7 +6,7 @@ Two groups, one per audience:
     ``{"type": "console.fragment", "html": "<…hx-swap-oob…>"}`` — rendered once by the sender,
     swapped into every page by htmx's ws extension (out-of-band swaps by element id).
 
-``TRANSPORTD_GROUP``  the box's tunnel daemon (transportd, a later part), which acts on them:
+``TRANSPORTD_GROUP``  the box's tunnel daemon (transportd, ``lazycat/tunnel``), which acts on them:
     ``{"type": "device.changed", "public_key": "<base64>", "status": "...", "address": "..."}``
     ``{"type": "service.changed", "uid": "...", "deleted": bool}``
 
