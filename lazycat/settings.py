@@ -261,7 +261,13 @@ def _redis_db(url: str, db: int) -> str:
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [{"address": _redis_db(REDIS_URL, 1)}], "capacity": 500, "expiry": 30},
+        # receive() blocks in BZPOPMIN for 5 s (channels_redis brpop_timeout); redis-py 8.1
+        # gives every read a 5 s socket timeout by default, which would end every wait in an error.
+        "CONFIG": {
+            "hosts": [{"address": _redis_db(REDIS_URL, 1), "socket_timeout": 15}],
+            "capacity": 500,
+            "expiry": 30,
+        },
     }
 }
 CACHES = {

@@ -335,7 +335,7 @@ class Transportd:
             except OSError as exc:
                 log.warning("relay skipped", extra={"relay": relay.name, "error": str(exc)})
         if self.want_tun:
-            self._open_tun(public)
+            await self._open_tun(public)
         self._tasks = [
             loop.create_task(self._consume(), name="transportd-events"),
             loop.create_task(self._listen(), name="transportd-layer"),
@@ -369,7 +369,7 @@ class Transportd:
             self.tun.close()
             self.tun = None
 
-    def _open_tun(self, public: bytes) -> None:
+    async def _open_tun(self, public: bytes) -> None:
         prefix: IPv6Network = addressing.box_prefix(public)
         try:
             tun = Tun.open(TUN_NAME)
@@ -381,7 +381,11 @@ class Transportd:
             )
             return
         try:
-            tun.configure([addressing.box_address(prefix)], routes=[prefix])
+            # pyroute2's synchronous IPRoute runs an event loop of its own, which it cannot do
+            # inside ours: configure in a thread (as lazycat-client up does)
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: tun.configure([addressing.box_address(prefix)], routes=[prefix])
+            )
         except (TunError, OSError) as exc:
             tun.close()
             log.warning("running without TUN", extra={"reason": str(exc)})
