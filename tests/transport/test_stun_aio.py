@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from transport import stun, stun_aio
 from transport.stun import ChangeRequest, Class, Message, Padding, decode, encode
-
-
-@pytest.fixture
-def udp4() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    yield sock
-    sock.close()
 
 
 def _has_ipv6_loopback() -> bool:

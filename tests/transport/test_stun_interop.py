@@ -161,15 +161,6 @@ def stund(tmp_path: Path) -> Iterator[tuple[tuple[str, int], tuple[str, int]]]:
         yield ("127.0.0.1", port), ("127.0.0.2", port + 1)
 
 
-@pytest.fixture
-def udp4() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
 # --- (a) third-party clients, our responder -----------------------------------------------------
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -17,6 +15,7 @@ from lazycat.celery import app as celery_app
 from lazycat.core import actions, tasks
 from lazycat.core.live import CONSOLE_GROUP
 from lazycat.core.models import BoxNetcheck
+from tests.layer import Listener
 from transport.netcheck import (
     FamilyReport,
     Filtering,
@@ -71,29 +70,6 @@ def canned_report(nat: NatType = NatType.NAT4, *, ipv6: bool = False) -> Netchec
         notes=(),
         duration=1.5,
     )
-
-
-class Listener:
-    """A real channel-layer member of a group, to see what a write publishes."""
-
-    def __init__(self, group: str) -> None:
-        self.layer = get_channel_layer()
-        self.channel = async_to_sync(self.layer.new_channel)()
-        async_to_sync(self.layer.group_add)(group, self.channel)
-
-    def messages(self, timeout: float = 1.0) -> list[dict]:
-        import asyncio
-
-        async def drain() -> list[dict]:
-            got, wait = [], timeout
-            while True:
-                try:
-                    got.append(await asyncio.wait_for(self.layer.receive(self.channel), wait))
-                except TimeoutError:
-                    return got
-                wait = 0.2
-
-        return async_to_sync(drain)()
 
 
 def queued_task_names() -> list[str]:

@@ -9,8 +9,6 @@ from datetime import timedelta
 from ipaddress import IPv6Address
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from lazycat.core import keys
@@ -19,6 +17,7 @@ from lazycat.core.models import AuditEvent
 from lazycat.devices import actions
 from lazycat.devices.actions import DeviceFacts, PathReport, Refusal
 from lazycat.devices.models import Device, DeviceStatus, PairingCode, PathEvent, PathKind
+from tests.layer import Listener
 from transport import addressing, wire
 from transport.bundle import PairingBundle
 from transport.tickets import PAIRING_TICKET_MAX_LIFETIME, verify_ticket
@@ -42,29 +41,6 @@ def pending_device(box, owner, n: int = 1) -> Device:
     assert outcome.accepted, outcome.refusal
     assert outcome.device is not None
     return outcome.device
-
-
-class Listener:
-    """A real channel-layer member of a group, to see what a write publishes."""
-
-    def __init__(self, group: str) -> None:
-        self.layer = get_channel_layer()
-        self.channel = async_to_sync(self.layer.new_channel)()
-        async_to_sync(self.layer.group_add)(group, self.channel)
-
-    def messages(self, timeout: float = 1.0) -> list[dict]:
-        import asyncio
-
-        async def drain() -> list[dict]:
-            got, wait = [], timeout
-            while True:
-                try:
-                    got.append(await asyncio.wait_for(self.layer.receive(self.channel), wait))
-                except TimeoutError:
-                    return got
-                wait = 0.2  # after the first message, only wait for stragglers
-
-        return async_to_sync(drain)()
 
 
 def test_pairing_code_is_stored_hashed_and_bundle_carries_secret(box, owner):

@@ -18,7 +18,7 @@ from lazycat.devices.models import Device
 from lazycat.services.actions import do_save_service
 from lazycat.services.forms import ServiceForm
 from lazycat.services.models import Service
-from tests.lazycat.devices.test_actions import Listener
+from tests.layer import Listener
 from transport import addressing
 
 # Real commits: the transportd message is sent only once the write's transaction commits.
