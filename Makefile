@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python tests/bench/bench_console.py
 	$(BIN)/python tests/bench/bench_session.py
 	$(BIN)/python tests/bench/bench_relay.py
+	$(BIN)/python tests/bench/failover_sim.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
