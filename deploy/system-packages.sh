@@ -8,8 +8,10 @@ set -euo pipefail
 
 runtime=(iproute2 nftables)
 # chromium: the browser tests; coturn, stun-server: third-party STUN peers for interop tests;
-# miniupnpd-nftables: a real UPnP IGD / NAT-PMP / PCP router for the port-mapping tests
-test=(chromium coturn stun-server miniupnpd-nftables)
+# miniupnpd-nftables: a real UPnP IGD / NAT-PMP / PCP router for the port-mapping tests;
+# iperf3, wireguard-go, wireguard-tools: the lab's throughput benchmark, beside userspace WireGuard
+# (with recommends, wireguard-tools would pull in a kernel image: hence --no-install-recommends)
+test=(chromium coturn stun-server miniupnpd-nftables iperf3 wireguard-go wireguard-tools)
 
 case "${1:-runtime}" in
   runtime) wanted=("${runtime[@]}") ;;
