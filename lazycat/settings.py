@@ -320,6 +320,17 @@ LAZYCAT_METRICS_KEY = _env_secret("LAZYCAT_METRICS_KEY")
 LAZYCAT_TUNNEL_LISTEN = _listen(
     _env("LAZYCAT_TUNNEL_LISTEN", "[::]:7483"), "LAZYCAT_TUNNEL_LISTEN", 7483
 )
+# The device control socket (docs/negotiation.md): the web process also listens on [::] at
+# this port and serves there only /control/, only to approved devices arriving through the
+# tunnel at the box's overlay address. 0 turns it off (devices then stay on the relay).
+LAZYCAT_CONTROL_PORT = _env_int("LAZYCAT_CONTROL_PORT", 7480, 0, 65535)
+if LAZYCAT_CONTROL_PORT and LAZYCAT_CONTROL_PORT == LISTEN_PORT:
+    raise ImproperlyConfigured(
+        f"LAZYCAT_CONTROL_PORT={LAZYCAT_CONTROL_PORT} is the console's port (LAZYCAT_LISTEN): "
+        "pick another, the device control socket must not share the console's"
+    )
+# Ask the box's router for a UDP port mapping (PCP, NAT-PMP, UPnP IGD) for the tunnel's port.
+LAZYCAT_PORTMAP = _env_bool("LAZYCAT_PORTMAP", True)
 # Open the TUN interface lzc0 (needs CAP_NET_ADMIN); without it pairing and paths still work.
 LAZYCAT_TUNNEL_TUN = _env_bool("LAZYCAT_TUNNEL_TUN", True)
 # The box's static X25519 key pair; the private half never leaves this file.

@@ -116,6 +116,7 @@ def process_specs(settings: Any) -> list[ProcessSpec]:
     """The box's processes, in start order (they are stopped in reverse)."""
     python = sys.executable
     host, port = settings.LISTEN_HOST, settings.LISTEN_PORT
+    control = settings.LAZYCAT_CONTROL_PORT
     return [
         ProcessSpec(
             name="web",
@@ -123,7 +124,10 @@ def process_specs(settings: Any) -> list[ProcessSpec]:
             # as a structured line instead.
             # Proxy headers are trusted only when a reverse proxy is declared: otherwise anyone
             # could pick their own client address and walk around the login lockout.
+            # The device control socket (LAZYCAT_CONTROL_PORT) is a second endpoint of the
+            # same process; lazycat.asgi serves only /control/ there.
             argv=(python, "-m", "daphne", "-v", "0", "-b", host, "-p", str(port),
+                  *(["-e", f"tcp6:port={control}:interface=\\:\\:"] if control else []),
                   *(["--proxy-headers"] if settings.BEHIND_PROXY else []),
                   "lazycat.asgi:application"),
             ready=lambda child: http_ready(settings),

@@ -42,10 +42,11 @@ from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any, TextIO
 
-from transport import wire
+from transport import negotiation, wire
 from transport.addressing import CLIENT_LOCAL, OVERLAY, RESOLVER, box_address, box_prefix
 from transport.bundle import BundleError, PairingBundle, Relay
 from transport.client_config import ClientConfig, ConfigError, Paired, default_dir
+from transport.control_aio import DeviceControl
 from transport.paths import Candidate, CandidateKind, Direct
 from transport.peer import (
     Connected,
@@ -61,6 +62,7 @@ from transport.peer_aio import Gatherer, PeerDriver, gather
 __all__ = ["UserError", "device_facts", "main", "run_pair", "run_up"]
 
 ZONE = "heiyu.space"
+CONFIG_WAIT = 3.0  # seconds `pair` waits for the box's configuration after the approval
 PROXY_LATER = (
     "--mode proxy (an HTTP proxy on 127.0.0.1:31085 for *.heiyu.space) is not in this "
     "version yet: use --mode tun"
@@ -138,6 +140,41 @@ async def _start_driver(
 
 def _lan_candidates(lan: Sequence[tuple[str, int]]) -> list[Candidate]:
     return [Candidate(CandidateKind.LAN, Direct(host, port)) for host, port in lan]
+
+
+def apply_config(paired: Paired, config: negotiation.Config) -> bool:
+    """Take the box's configuration into ``paired``; True if anything changed."""
+    records = {
+        name: [IPv6Address(a) for a in addresses] for name, addresses in config.records.items()
+    }
+    tickets = [config.ticket] if config.ticket is not None else paired.tickets
+    if records == paired.records and tickets == paired.tickets:
+        return False
+    paired.records, paired.tickets = records, tickets
+    return True
+
+
+async def _config_frame(events: Any, box_key: bytes, timeout: float) -> negotiation.Config | None:
+    """The configuration frame the box sends right behind its approval, if it comes in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        try:
+            event = await events.get(left)
+        except TimeoutError:
+            return None
+        if (
+            isinstance(event, FrameReceived)
+            and event.peer_key == box_key
+            and isinstance(event.frame, wire.Control)
+            and event.frame.channel == negotiation.CONFIG_CHANNEL
+        ):
+            try:
+                message = negotiation.parse_box_message(json.loads(event.frame.data))
+            except (ValueError, negotiation.NegotiationError):
+                return None
+            return message if isinstance(message, negotiation.Config) else None
+    return None
 
 
 # --- pair -------------------------------------------------------------------------------------
@@ -223,6 +260,11 @@ async def run_pair(
                 lan=lan,
                 paired_at=int(time.time()),
             )
+            # Our own relay ticket and the box's names follow the approval in a moment; without
+            # them (an older box, a lost datagram) `up` asks again once connected.
+            box_config = await _config_frame(events, bundle.box_key, CONFIG_WAIT)
+            if box_config is not None:
+                apply_config(paired, box_config)
             config.save_box(paired)
             print(
                 f"approved: this device is {frame.address} on {bundle.box}.\n"
@@ -326,10 +368,13 @@ async def run_up(
         raise UserError(str(exc.strerror or exc)) from None
     status = _Status(paired, tun.name, time.time())
     resolver: asyncio.DatagramTransport | None = None
+    responder: dns.Responder | None = None
     driver: PeerDriver | None = None
+    control: DeviceControl | None = None
     tasks: list[asyncio.Task[Any]] = []
     try:
-        resolver = await dns.serve(dns.Responder(paired.records))
+        responder = dns.Responder(paired.records)
+        resolver = await dns.serve(responder)
         driver = await _start_driver(
             Peer(keys, now=loop.time()),
             paired.relays,
@@ -342,6 +387,29 @@ async def run_up(
         if paired.lan:
             driver.set_remote_candidates(paired.box_key, _lan_candidates(paired.lan))
         box_key = paired.box_key
+        known_tickets = set(paired.tickets)
+
+        def on_config(box_config: negotiation.Config) -> None:
+            assert driver is not None and responder is not None
+            if not apply_config(paired, box_config):
+                return
+            responder.set_records(paired.records)
+            for ticket in paired.tickets:
+                if ticket not in known_tickets:
+                    known_tickets.add(ticket)
+                    with contextlib.suppress(wire.WireError):
+                        driver.add_ticket(ticket)
+            config.save_box(paired)
+            status.state["config_at"] = time.time()
+
+        control = DeviceControl(
+            driver,
+            box_key,
+            box_address(box_prefix(box_key)),
+            version=client_version(),
+            on_config=on_config,
+        )
+        control.start()
         send = driver.send_packet
 
         def from_tun(packet: bytes) -> None:
@@ -358,6 +426,8 @@ async def run_up(
             with contextlib.suppress(Exception):
                 report = await netcheck_aio.run_netcheck(servers, relays)
                 status.state["nat_type"] = str(report.nat_type)
+                if control is not None:
+                    control.report_netcheck(report.to_json())
 
         async def write_state() -> None:
             assert driver is not None
@@ -369,6 +439,8 @@ async def run_up(
                     rx_packets=driver.stats["rx_packets"],
                     tx_packets=driver.stats["tx_packets"],
                     local=f"{driver.local_address[0]}:{driver.port}",
+                    control="open" if control is not None and control.socket_open else "closed",
+                    punches=control.stats["punches"] if control is not None else 0,
                 )
                 config.save_state(status.state)
                 await asyncio.sleep(1.0)
@@ -385,6 +457,8 @@ async def run_up(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if control is not None:
+            await control.close()
         if driver is not None:
             await driver.close()
         if resolver is not None:

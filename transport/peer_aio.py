@@ -305,6 +305,7 @@ class PeerDriver:
         self.poll_interval = poll_interval
         self.on_packet = on_packet
         self.callbacks: list[Callable[[PeerEvent], None]] = []
+        self.network_callbacks: list[Callable[[], None]] = []  # after each network_changed()
         self.stats: dict[str, int] = {
             "rx_bytes": 0,
             "tx_bytes": 0,
@@ -437,6 +438,8 @@ class PeerDriver:
         """Tell the Peer our network changed (the watch calls this; so may the owner)."""
         self._deliver(self.peer.network_changed(self.now()))
         self.flush()
+        for callback in self.network_callbacks:
+            callback()
 
     # --- verbs ----------------------------------------------------------------------------------
 

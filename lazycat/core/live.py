@@ -1,6 +1,6 @@
 """Live updates: the channel-layer groups and the messages that travel through them.
 
-Two groups, one per audience:
+Three kinds of group, one per audience:
 
 ``CONSOLE_GROUP``  every open console page (the browser socket, ``ConsoleConsumer``).
     ``{"type": "console.fragment", "html": "<…hx-swap-oob…>"}`` — rendered once by the sender,
@@ -9,6 +9,11 @@ Two groups, one per audience:
 ``TRANSPORTD_GROUP``  the box's tunnel daemon (transportd, ``lazycat/tunnel``), which acts on them:
     ``{"type": "device.changed", "public_key": "<base64>", "status": "...", "address": "..."}``
     ``{"type": "service.changed", "uid": "...", "deleted": bool}``
+    ``{"type": "punch.start", "public_key": "<base64>", "candidates": [...], "delay": s}``
+
+``device-<id>``  one approved device's control socket, open inside the tunnel
+    (``DeviceControlConsumer``): ``{"type": "control.send", "message": {...}}`` is sent to the
+    device as it is; ``{"type": "control.close"}`` closes the socket (revoked, expired).
 
 Writes publish only after their transaction commits (``transaction.on_commit``), so a listener
 never sees a state the database then rolls back. The reverse direction — the daemon reporting a
@@ -47,6 +52,15 @@ def send_to_consoles(html: str) -> None:
 
 def send_to_transportd(message: dict[str, Any]) -> None:
     _group_send(TRANSPORTD_GROUP, message)
+
+
+def device_group(device_id: int) -> str:
+    """The group of one device's control socket (``DeviceControlConsumer``)."""
+    return f"device-{device_id}"
+
+
+def send_to_device(device_id: int, message: dict[str, Any]) -> None:
+    _group_send(device_group(device_id), message)
 
 
 def after_commit(func: Any, *args: Any) -> None:

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from lazycat import overlay
 from lazycat.core import audit, keys
-from lazycat.core.live import after_commit, send_to_transportd
+from lazycat.core.live import after_commit, send_to_device, send_to_transportd
 from lazycat.core.models import Box
 from lazycat.devices import push
 from lazycat.devices.models import Device, DeviceStatus, PairingCode, PathEvent, PathKind
@@ -107,6 +107,48 @@ def _pairing_ticket(box: Box, code_expires_at: datetime) -> bytes:
     expires = min(int(code_expires_at.timestamp()), now + PAIRING_TICKET_MAX_LIFETIME)
     ticket_key = keys.load_or_create_ticket_key(settings.LAZYCAT_TICKET_KEY_FILE)
     return ticket_key.issue(wire.peer_id(box.key), wire.ANY_CLIENT, expires, now_wall=now).encode()
+
+
+DEVICE_TICKET_LIFETIME = 30 * 86400  # renewed at every connection; a lost device's lapses
+
+
+def device_ticket(box: Box, device: Device, now: int | None = None) -> bytes:
+    """A ticket letting this device (and no other) reach the box through its relays: sent
+    at approval and on every connection, so a device that comes back within 30 days never
+    needs its pairing ticket again. It ends with the approval if that expires sooner."""
+    now = int(time.time()) if now is None else now
+    expires = now + DEVICE_TICKET_LIFETIME
+    if device.approval_expires_at is not None:
+        expires = min(expires, int(device.approval_expires_at.timestamp()))
+    ticket_key = keys.load_or_create_ticket_key(settings.LAZYCAT_TICKET_KEY_FILE)
+    return ticket_key.issue(
+        wire.peer_id(box.key), wire.peer_id(device.key), max(expires, now + 1), now_wall=now
+    ).encode()
+
+
+def box_records(box: Box) -> dict[str, list[str]]:
+    """The names the box tells its devices: itself, and every approved device with a label
+    (``docs/addressing.md``). Services join them with the services' forwarding."""
+    box_address = addressing.box_address(addressing.box_prefix(box.key))
+    records = {names.box_fqdn(box.name): [str(box_address)]}
+    approved = Device.objects.filter(status=DeviceStatus.APPROVED, overlay_address__isnull=False)
+    for label, address in approved.exclude(label=None).values_list("label", "overlay_address"):
+        records[names.host_fqdn(str(label), box.name)] = [str(ipaddress.IPv6Address(address))]
+    return records
+
+
+def device_config(device: Device) -> dict[str, object]:
+    """The ``config`` control message for an approved device: names and a fresh ticket."""
+    from transport import negotiation
+
+    box = Box.get()
+    if box is None or device.status != DeviceStatus.APPROVED:
+        raise DecisionError("only an approved device of a set-up box gets a configuration")
+    return negotiation.config_message(
+        negotiation.Config(
+            box_records(box), device_ticket(box, device), settings.LAZYCAT_CONTROL_PORT
+        )
+    )
 
 
 def do_cancel_pairing_code(code: PairingCode, by: User) -> None:
@@ -298,6 +340,9 @@ def _notify_transportd(device: Device) -> None:
             "address": device.overlay_address,
         }
     )
+    if device.status != DeviceStatus.APPROVED:
+        # transportd closes its session; the control socket would only notice at its timeout
+        send_to_device(device.pk, {"type": "control.close"})
 
 
 def _decide(

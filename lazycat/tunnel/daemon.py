@@ -43,12 +43,14 @@ from django.conf import settings
 
 from lazycat.core import keys as box_keys
 from lazycat.core.live import TRANSPORTD_GROUP
-from transport import addressing, wire
+from transport import addressing, negotiation, wire
 from transport.bundle import Relay
-from transport.paths import ViaRelay
+from transport.paths import Candidate, CandidateKind, Direct, ViaRelay
 from transport.peer import (
+    CandidatesChanged,
     Connected,
     Disconnected,
+    FrameReceived,
     PacketReceived,
     PairingRequested,
     PathChanged,
@@ -64,6 +66,7 @@ log = logging.getLogger("lazycat.transportd")
 UP_LINE = "transportd is up"
 TUN_NAME = "lzc0"
 COUNTER_INTERVAL = 5.0  # seconds between counter reports of one connected device
+MAX_HELD_PATHS = 1024  # paths of unapproved keys kept for when they are approved
 RESYNC_INTERVAL = 300.0  # a full reload of the allow-list even without any message
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 10.0  # reconnecting to the channel layer
 
@@ -137,6 +140,41 @@ def answer_pairing(
     if outcome.refusal is not None:
         return wire.PairStateFrame(wire.PairState.REFUSED, None, outcome.refusal.value)
     return wire.PairStateFrame(wire.PairState.PENDING, None, "waiting for the owner")
+
+
+def load_config(key: bytes) -> bytes | None:
+    """The ``config`` control frame's body for an approved device (None: not approved)."""
+    import json
+
+    from lazycat.devices.actions import DecisionError, device_config
+    from lazycat.devices.models import Device
+
+    device = Device.objects.filter(public_key=key).first()
+    if device is None:
+        return None
+    try:
+        return json.dumps(device_config(device), separators=(",", ":")).encode()
+    except DecisionError:
+        return None
+
+
+def publish_candidates(candidates: list[Candidate], port_mapping: str) -> None:
+    from lazycat.devices.negotiation import publish_box_candidates
+
+    publish_box_candidates(candidates, port_mapping)
+
+
+def parse_punch(message: dict[str, Any]) -> tuple[bytes, list[Candidate], float] | None:
+    """A ``punch.start`` message: the device's key, its candidates, the delay; None if bad."""
+    try:
+        key = base64.b64decode(message.get("public_key", ""), validate=True)
+        candidates = negotiation.candidates_from_json(message.get("candidates"))
+        delay = float(message.get("delay", 0.0))
+    except (binascii.Error, ValueError, TypeError):
+        return None
+    if len(key) != 32 or not 0 <= delay <= negotiation.START_MAX * 10:
+        return None
+    return key, candidates, delay
 
 
 def report_path(key: bytes, link: Link, cause: str = "") -> None:
@@ -271,8 +309,12 @@ class Transportd:
         poll_interval: float = 5.0,
         resync_interval: float = RESYNC_INTERVAL,
         counter_interval: float = COUNTER_INTERVAL,
+        portmap: bool = False,
     ) -> None:
         self.listen = listen
+        self.want_portmap = portmap
+        self.port_mapping: Direct | None = None  # what the router forwards to us, if anything
+        self.portmapper: Any = None
         self.relays = relays
         self.want_tun = tun
         self.gatherer = gatherer
@@ -282,6 +324,7 @@ class Transportd:
         self.allowed = AllowList()
         self.waiting: set[bytes] = set()  # keys whose XK session waits for the owner's decision
         self.links: dict[bytes, Link] = {}
+        self.held_paths: dict[bytes, PathChanged] = {}  # paths of devices not approved (yet)
         self.stats: dict[str, int] = {"spoofed": 0, "no_route": 0, "layer_errors": 0}
         self.driver: PeerDriver | None = None
         self.tun: Tun | None = None
@@ -297,6 +340,7 @@ class Transportd:
             "listen": settings.LAZYCAT_TUNNEL_LISTEN,
             "relays": list(settings.LAZYCAT_RELAYS),
             "tun": settings.LAZYCAT_TUNNEL_TUN,
+            "portmap": settings.LAZYCAT_PORTMAP,
         }
         options.update(overrides)
         return cls(**options)
@@ -323,7 +367,7 @@ class Transportd:
         self.driver = PeerDriver(
             peer,
             bind=self.listen,
-            gatherer=self.gatherer,
+            gatherer=self._gather if self.gatherer is not None else None,
             poll_interval=self.poll_interval,
             on_packet=self._from_device,
         )
@@ -336,6 +380,9 @@ class Transportd:
                 log.warning("relay skipped", extra={"relay": relay.name, "error": str(exc)})
         if self.want_tun:
             await self._open_tun(public)
+        if self.want_portmap:
+            await self._start_portmap()
+        await self._publish_candidates()
         self._tasks = [
             loop.create_task(self._consume(), name="transportd-events"),
             loop.create_task(self._listen(), name="transportd-layer"),
@@ -363,6 +410,10 @@ class Transportd:
                 log.warning("task did not stop", extra={"task": task.get_name()})
         self._tasks = []
         await self._leave_group()
+        if self.portmapper is not None:
+            with contextlib.suppress(Exception):
+                await self.portmapper.aclose()  # deletes the mapping on the router
+            self.portmapper = None
         if self.driver is not None:
             await self.driver.close()
         if self.tun is not None:
@@ -393,6 +444,84 @@ class Transportd:
         tun.start(self._from_tun)
         self.tun = tun
 
+    # --- candidates and the router's port mapping ------------------------------------------------
+
+    def _gather(self, port: int) -> list[Candidate]:
+        assert self.gatherer is not None
+        found = self.gatherer(port)
+        if self.port_mapping is not None:
+            found.append(Candidate(CandidateKind.PORTMAPPED, self.port_mapping, priority=1))
+        return found
+
+    async def _start_portmap(self) -> None:
+        from transport.portmap import MappingAcquired, MappingFailed, MappingLost
+        from transport.portmap_aio import PortMapClient
+
+        def on_event(event: Any) -> None:
+            mapped = self.port_mapping
+            if isinstance(event, MappingAcquired):
+                mapped = Direct(event.external_ip, event.external_port)
+                log.info(
+                    "port mapping",
+                    extra={"external": str(mapped), "how": event.protocol.value},
+                )
+            elif isinstance(event, MappingLost):
+                mapped = None
+                log.info("port mapping lost", extra={"reason": event.reason})
+            elif isinstance(event, MappingFailed) and self.port_mapping is None:
+                log.info("no port mapping", extra={"retry_in": event.retry_in})
+            if mapped != self.port_mapping:
+                self.port_mapping = mapped
+                asyncio.get_running_loop().create_task(self._refresh_candidates())
+
+        client = PortMapClient(self.driver.port if self.driver else 0, on_event=on_event)
+        try:
+            await client.start()
+        except OSError as exc:
+            log.info("no port mapping", extra={"reason": str(exc)})
+            return
+        self.portmapper = client
+
+    async def _refresh_candidates(self) -> None:
+        if self.driver is not None:
+            await self.driver.refresh_candidates()
+
+    async def _publish_candidates(self) -> None:
+        if self.driver is None:
+            return
+        mapping = str(self.port_mapping) if self.port_mapping is not None else ""
+        try:
+            await sync_to_async(publish_candidates)(self.peer.local_candidates(), mapping)
+        except Exception as exc:  # Redis away: the next change or resync publishes again
+            log.warning("candidates not published", extra={"error": str(exc)})
+
+    def punch(self, key: bytes, candidates: list[Candidate], delay: float) -> None:
+        """The negotiation's simultaneous start with an approved device."""
+        if self.driver is None or key not in self.allowed:
+            return
+        self.driver.set_remote_candidates(key, candidates)
+        self.driver.schedule_start(key, delay)
+        log.info(
+            "simultaneous start",
+            extra={"device": key[:4].hex(), "candidates": len(candidates), "delay": delay},
+        )
+
+    async def send_config(self, key: bytes, pattern: wire.Pattern = wire.Pattern.IK) -> None:
+        """The device's names and a fresh ticket, on the control channel of its session."""
+        if self.driver is None:
+            return
+        body = await sync_to_async(load_config)(key)
+        if body is not None:
+            self.driver.send_frame(
+                key, wire.Control(negotiation.CONFIG_CHANNEL, body), pattern=pattern
+            )
+
+    async def _configs_changed(self) -> None:
+        """Names changed: every connected device gets its configuration again."""
+        for key in list(self.links):
+            if key in self.allowed:
+                await self.send_config(key)
+
     # --- the channel layer --------------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -415,6 +544,7 @@ class Transportd:
                         # keeps the group membership from expiring, and catches lost messages
                         await layer.group_add(TRANSPORTD_GROUP, self._channel)
                         await self.resync("periodic")
+                        await self._publish_candidates()
                         refresh = asyncio.get_running_loop().time() + self.resync_interval
                         continue
                     try:
@@ -449,11 +579,22 @@ class Transportd:
                 await layer.group_discard(TRANSPORTD_GROUP, self._channel)
 
     async def on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "punch.start":
+            punch = parse_punch(message)
+            if punch is None:
+                log.warning("bad punch.start message ignored")
+            else:
+                self.punch(*punch)
+            return
         key = parse_device_changed(message)
         if key is None:
             return  # service.changed: the TUN forwarding of services is a later part
         row = await sync_to_async(load_device)(key)
+        was_waiting = key in self.waiting
         self.apply(key, row)
+        if was_waiting and key in self.allowed:
+            await self.send_config(key, wire.Pattern.XK)  # right behind the approval
+        await self._configs_changed()
 
     async def resync(self, why: str) -> None:
         """Make the allow-list the database's approved devices."""
@@ -461,6 +602,8 @@ class Transportd:
         added, removed = self.allowed.replace(approved)
         for key in removed:
             self._cut(key)
+        for key in added:
+            self._report_held(key)
         for key in added & self.waiting:
             self._answer(key, wire.PairStateFrame(wire.PairState.APPROVED, approved[key]))
         log.info(
@@ -477,6 +620,7 @@ class Transportd:
         """A device changed (its current row, or None if it was deleted): act on it."""
         if row is not None and row.status == APPROVED and row.address is not None:
             self.allowed.allow(key, row.address)
+            self._report_held(key)
             if key in self.waiting:
                 self._answer(key, wire.PairStateFrame(wire.PairState.APPROVED, row.address))
             return
@@ -485,6 +629,12 @@ class Transportd:
         self._cut(key)
         if row is not None and row.status == REJECTED and key in self.waiting:
             self._answer(key, wire.PairStateFrame(wire.PairState.REJECTED, None, row.note))
+
+    def _report_held(self, key: bytes) -> None:
+        """Just approved: report the path it has been on since before the approval."""
+        event = self.held_paths.pop(key, None)
+        if event is not None:
+            asyncio.get_running_loop().create_task(self.on_event(event))
 
     def _answer(self, key: bytes, frame: wire.PairStateFrame) -> None:
         if self.driver is None:
@@ -529,15 +679,34 @@ class Transportd:
         elif isinstance(event, Connected) and event.pattern is wire.Pattern.IK:
             link = self.links.setdefault(event.peer_key, Link())
             link.last_handshake = datetime.now(UTC)
+            await self.send_config(event.peer_key)
+        elif isinstance(event, CandidatesChanged):
+            await self._publish_candidates()
+        elif isinstance(event, FrameReceived):
+            frame = event.frame
+            if (
+                isinstance(frame, wire.Control)
+                and frame.channel == negotiation.CONFIG_CHANNEL
+                and event.pattern is wire.Pattern.IK
+                and event.peer_key in self.allowed
+            ):
+                await self.send_config(event.peer_key)  # the device asked again
         elif isinstance(event, PathChanged):
             if event.peer_key not in self.allowed:
+                # a device still pairing: its path is reported if the owner approves it (the
+                # path may not change again for hours, e.g. relayed behind a symmetric NAT)
+                self.held_paths[event.peer_key] = event
+                while len(self.held_paths) > MAX_HELD_PATHS:
+                    self.held_paths.pop(next(iter(self.held_paths)))
                 return
+            self.held_paths.pop(event.peer_key, None)
             link = self.links.setdefault(event.peer_key, Link())
             link.kind, link.endpoint, link.relay = event.kind, event.endpoint, event.relay
             link.rtt_ms, link.cause = event.rtt_ms, event.cause
             link.mark_reported()
             await sync_to_async(report_path)(event.peer_key, link)
         elif isinstance(event, Disconnected):
+            self.held_paths.pop(event.peer_key, None)
             gone = self.links.pop(event.peer_key, None)
             if gone is not None:
                 gone.kind, gone.endpoint, gone.relay, gone.rtt_ms = "offline", "", "", None
@@ -551,6 +720,7 @@ class Transportd:
             self.waiting.add(event.peer_key)
         elif frame.state is wire.PairState.APPROVED and frame.address is not None:
             self.allowed.allow(event.peer_key, frame.address)
+            self._report_held(event.peer_key)
         self._answer(event.peer_key, frame)
 
     def _source(self, key: bytes) -> str:

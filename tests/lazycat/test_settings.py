@@ -33,6 +33,7 @@ def test_every_variable_settings_reads_is_documented():
         ("REDIS_URL", "http://x", "REDIS_URL='http://x': expected redis://"),
         ("LAZYCAT_RELAYS", "eu=relay.example", "LAZYCAT_RELAYS: relay eu"),
         ("LAZYCAT_SECRET_KEY_FILE", "/nonexistent/key", "LAZYCAT_SECRET_KEY_FILE=/nonexistent/key"),
+        ("LAZYCAT_CONTROL_PORT", "8470", "LAZYCAT_CONTROL_PORT=8470 is the console's port"),
     ],
 )
 def test_bad_value_names_the_variable(tmp_path, name, value, message):
