@@ -356,6 +356,7 @@ async def run_up(
         raise UserError(f"lazycat-client up is already running (pid {pid}): see status, or down")
     keys = config.load_key()
     loop = asyncio.get_running_loop()
+    started = loop.time()  # what the path lines count from
     stop = stop or asyncio.Event()
     try:
         tun = Tun.open(tun_name)
@@ -384,6 +385,17 @@ async def run_up(
             on_packet=lambda event: tun.write(event.packet),
         )
         driver.callbacks.append(status.on_event)
+
+        def show_path(event: PeerEvent) -> None:
+            if isinstance(event, PathChanged):
+                where = event.endpoint or f"relay {event.relay}"
+                print(
+                    f"path: {event.kind} {where} ({event.cause}) "
+                    f"{loop.time() - started:.3f} s after up",
+                    flush=True,
+                )
+
+        driver.callbacks.append(show_path)
         if paired.lan:
             driver.set_remote_candidates(paired.box_key, _lan_candidates(paired.lan))
         box_key = paired.box_key
@@ -484,6 +496,21 @@ def cmd_pair(args: argparse.Namespace, config: ClientConfig) -> int:
     return 0
 
 
+def _log_to_stderr(level: str) -> None:
+    """``up`` is a daemon: its log lines (logfmt, like the box's) go to stderr / up.log."""
+    import logging
+
+    from transport.logfmt import LogfmtFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("pyroute2", "websockets", "asyncio"):  # their debug is about their internals
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+
+
 def cmd_up(args: argparse.Namespace, config: ClientConfig) -> int:
     if args.mode == "proxy":
         raise UserError(PROXY_LATER)
@@ -494,7 +521,7 @@ def cmd_up(args: argparse.Namespace, config: ClientConfig) -> int:
     if args.background:
         argv = [sys.executable, "-m", "transport.client_cli", "--config-dir", str(config.path)]
         argv += ["up", "--mode", "tun", "--tun", args.tun]
-        argv += ["--relay-transport", args.relay_transport]
+        argv += ["--relay-transport", args.relay_transport, "--log-level", args.log_level]
         config.ensure()
         fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as log:
@@ -510,6 +537,8 @@ def cmd_up(args: argparse.Namespace, config: ClientConfig) -> int:
                 return 0
         print(f"up: started (pid {child.pid}); see lazycat-client status")
         return 0
+
+    _log_to_stderr(args.log_level)
 
     async def foreground() -> None:
         stop = asyncio.Event()
@@ -623,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", choices=("tun", "proxy"), default="tun")
     up.add_argument("--tun", default="lzc0", help="the TUN interface's name (lzc0)")
     up.add_argument("--background", action="store_true", help="detach; log to up.log")
+    up.add_argument(
+        "--log-level", choices=("debug", "info", "warning"), default="info", help="(info)"
+    )
     for command in (pair, up):
         command.add_argument(
             "--relay-transport",

@@ -59,8 +59,8 @@ Where a datagram the *session* makes goes
   initiator's key confirmation): back to where that datagram came from, relay or direct.
 - Made by a timer or a send (rekeys, handshake retries, passive keepalives): to the peer's
   ``pm.primary`` (the active direct path, else the relay), else to the session's address,
-  else to every direct candidate the peer announced. With nowhere at all to send (a device
-  whose home relay is not chosen yet), the datagram is parked and sent once a path exists.
+  else to every direct candidate the peer announced *and* parked: sent once a path exists
+  (a device whose home relay is not chosen yet; announced LAN addresses it cannot reach).
 
 Relays
 ======
@@ -765,6 +765,7 @@ class Peer:
         self, key: bytes, pattern: Pattern, path: Destination | None, now: float
     ) -> None:
         remote = self._remote(key)
+        remote.parked = None  # the handshake it held is done
         newly = not remote.connected
         if pattern not in remote.connected:
             remote.connected.add(pattern)
@@ -811,11 +812,13 @@ class Peer:
         elif destination is not None:
             self._send_address(destination, data)
         else:
-            targets = [c.address for c in remote.candidates if isinstance(c.address, Direct)]
-            for target in targets:
-                self._out.append((data, target.addr))
-            if not targets:
-                remote.parked = data  # sent when a path appears (_sync)
+            for c in remote.candidates:
+                if isinstance(c.address, Direct):
+                    self._out.append((data, c.address.addr))
+            # Also kept for the first path that appears (the home relay, usually): announced
+            # LAN addresses are often not reachable from here, and waiting for the handshake's
+            # retry would cost 5 s. A copy arriving twice is refused by TAI64N (replay).
+            remote.parked = data
 
     def _send_on(self, remote: _Remote, destination: Destination, data: bytes) -> None:
         if isinstance(destination, Direct):
