@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
 import signal
@@ -60,6 +61,8 @@ from transport.peer import (
 from transport.peer_aio import Gatherer, PeerDriver, gather
 
 __all__ = ["UserError", "device_facts", "main", "run_pair", "run_up"]
+
+log = logging.getLogger("lazycat.client")
 
 ZONE = "heiyu.space"
 CONFIG_WAIT = 3.0  # seconds `pair` waits for the box's configuration after the approval
@@ -388,11 +391,14 @@ async def run_up(
 
         def show_path(event: PeerEvent) -> None:
             if isinstance(event, PathChanged):
-                where = event.endpoint or f"relay {event.relay}"
-                print(
-                    f"path: {event.kind} {where} ({event.cause}) "
-                    f"{loop.time() - started:.3f} s after up",
-                    flush=True,
+                log.info(
+                    "path",
+                    extra={
+                        "kind": event.kind,
+                        "where": event.endpoint or f"relay {event.relay}",
+                        "cause": event.cause,
+                        "since_up": round(loop.time() - started, 3),
+                    },
                 )
 
         driver.callbacks.append(show_path)
@@ -498,8 +504,6 @@ def cmd_pair(args: argparse.Namespace, config: ClientConfig) -> int:
 
 def _log_to_stderr(level: str) -> None:
     """``up`` is a daemon: its log lines (logfmt, like the box's) go to stderr / up.log."""
-    import logging
-
     from transport.logfmt import LogfmtFormatter
 
     handler = logging.StreamHandler(sys.stderr)

@@ -700,6 +700,14 @@ class Transportd:
                     self.held_paths.pop(next(iter(self.held_paths)))
                 return
             self.held_paths.pop(event.peer_key, None)
+            log.info(
+                "path changed",
+                extra={
+                    "device": event.peer_key[:4].hex(),
+                    "kind": event.kind,
+                    "cause": event.cause,
+                },
+            )
             link = self.links.setdefault(event.peer_key, Link())
             link.kind, link.endpoint, link.relay = event.kind, event.endpoint, event.relay
             link.rtt_ms, link.cause = event.rtt_ms, event.cause

@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.stack import ROOT, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DEVICE = Path(__file__).with_name("device_process.py")
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,21 +20,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_in_namespace
 from tests.natlab.lab import RELAY_IPS, Lab, check_available
 from tests.natlab.labbox import OWNER, PASSWORD, LabBox, LabClient
 
 pytestmark = [pytest.mark.natlab, pytest.mark.e2e, pytest.mark.timeout(180)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 RELAY_PORT = 3480
 
 
@@ -61,14 +51,6 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def chromium_in(ns: str, where: Path) -> str:
-    """An executable that starts Debian's chromium inside namespace ``ns``."""
-    wrapper = where / "chromium-in-box"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {CHROMIUM} "$@"\n')
-    wrapper.chmod(stat.S_IRWXU)
-    return str(wrapper)
-
-
 def dot(page: Page, name: str):  # type: ignore[no-untyped-def]
     return page.locator("tr.device-row", has_text=name).locator(".dot")
 
@@ -91,7 +73,7 @@ def test_a_lab_device_goes_yellow_then_blue_then_yellow_live(workdir: Path) -> N
             code = box.pairing_code()
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(
-                    executable_path=chromium_in(box.host.ns, workdir),
+                    executable_path=chromium_in_namespace(box.host.ns, workdir),
                     args=CHROMIUM_ARGS,
                     headless=True,
                 )
