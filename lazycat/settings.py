@@ -331,6 +331,13 @@ if LAZYCAT_CONTROL_PORT and LAZYCAT_CONTROL_PORT == LISTEN_PORT:
     )
 # Ask the box's router for a UDP port mapping (PCP, NAT-PMP, UPnP IGD) for the tunnel's port.
 LAZYCAT_PORTMAP = _env_bool("LAZYCAT_PORTMAP", True)
+# How transportd reaches a relay that does not answer over UDP within 5 s of starting (the box's
+# network blocks UDP): tcp, tls, ws, wss (the relay's same host:port), or off.
+LAZYCAT_RELAY_FALLBACK = _env("LAZYCAT_RELAY_FALLBACK", "tcp").lower()
+if LAZYCAT_RELAY_FALLBACK not in {"tcp", "tls", "ws", "wss", "off"}:
+    raise ImproperlyConfigured(
+        f"LAZYCAT_RELAY_FALLBACK={LAZYCAT_RELAY_FALLBACK!r}: expected tcp, tls, ws, wss or off"
+    )
 # Open the TUN interface lzc0 (needs CAP_NET_ADMIN); without it pairing and paths still work.
 LAZYCAT_TUNNEL_TUN = _env_bool("LAZYCAT_TUNNEL_TUN", True)
 # The box's static X25519 key pair; the private half never leaves this file.

@@ -470,6 +470,20 @@ class Peer:
         if self._stun_at is None:
             self._stun_at = now + self.config.stun_interval
 
+    def relay_over_stream(self, name: str, now: float) -> None:
+        """UDP to ``name`` goes nowhere (blocked): from now on it is reached over the stream
+        the adapter opens (and then reports with :meth:`stream_connected`). The relay keeps its
+        name, so sessions routed through it stay where they are."""
+        relay = self._relays[name]
+        if relay.stream:
+            return
+        relay.stream = True
+        if self._by_address.get(relay.address) is relay:
+            del self._by_address[relay.address]
+        if relay.client is not None:
+            relay.client = None  # a fresh registration, on the stream this time
+            self._register(relay, now)
+
     def add_ticket(self, ticket: wire.Ticket | bytes) -> None:
         """A ticket from the box, presented to every relay we register at."""
         raw = ticket.encode() if isinstance(ticket, wire.Ticket) else bytes(ticket)

@@ -421,6 +421,21 @@ class PeerDriver:
             link.start()
         self.flush()
 
+    def relay_registered(self, name: str) -> bool:
+        client = self.peer.relay_client(name)
+        return client is not None and client.registered
+
+    def use_stream(self, name: str, url: str) -> None:
+        """Reach relay ``name`` over ``url`` (``tcp://``, ``tls://``, ``ws://``, ``wss://``)
+        instead of UDP, keeping its name: what a box does when its network blocks UDP."""
+        if name in self._streams:
+            return
+        link = _StreamRelay(self, name, url)
+        self._streams[name] = link
+        self.peer.relay_over_stream(name, self.now())
+        link.start()
+        self.flush()
+
     def add_ticket(self, ticket: wire.Ticket | bytes) -> None:
         self.peer.add_ticket(ticket)
         self.flush()

@@ -1,8 +1,11 @@
 """transportd: the box's tunnel daemon, wired to the console's database and channel layer.
 
 The engine is ``transport.peer.Peer`` driven by ``transport.peer_aio.PeerDriver`` (one UDP socket
-on LAZYCAT_TUNNEL_LISTEN, registered at every relay of LAZYCAT_RELAYS). This module only
-translates, in both directions (docs/live-state.md is the contract):
+on LAZYCAT_TUNNEL_LISTEN, registered at every relay of LAZYCAT_RELAYS; a relay that has not
+registered us over UDP 5 s after start is reached over TCP/TLS/WebSocket instead,
+LAZYCAT_RELAY_FALLBACK). It also keeps a UDP port mapping on the router (PCP, NAT-PMP, UPnP:
+LAZYCAT_PORTMAP). This module only translates, in both directions (docs/live-state.md and
+docs/negotiation.md are the contracts):
 
 ::
 
@@ -10,7 +13,10 @@ translates, in both directions (docs/live-state.md is the contract):
     channel layer group "transportd":                        |  Peer(is_allowed=allow-list)
       device.changed --> re-read that device --> DeviceChange --> allow / forget + close its
                                                  sessions / PAIR_STATE to a waiting XK session
+      punch.start    --> set_remote_candidates + schedule_start (the simultaneous start)
     Peer events:
+      CandidatesChanged --> publish_box_candidates (the cache; the negotiation reads them)
+      Connected (IK), a CONTROL config request, names changed --> the config frame
       PairingRequested --> answer_pairing() (do_request_pairing, idempotent) --> PAIR_STATE
       PathChanged      --> do_report_path(PathReport)          at once
       counters         --> do_report_path(PathReport)          every COUNTER_INTERVAL, if moved
@@ -66,6 +72,7 @@ log = logging.getLogger("lazycat.transportd")
 UP_LINE = "transportd is up"
 TUN_NAME = "lzc0"
 COUNTER_INTERVAL = 5.0  # seconds between counter reports of one connected device
+FALLBACK_AFTER = 5.0  # seconds a relay has to register us over UDP before we try a stream
 MAX_HELD_PATHS = 1024  # paths of unapproved keys kept for when they are approved
 RESYNC_INTERVAL = 300.0  # a full reload of the allow-list even without any message
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 10.0  # reconnecting to the channel layer
@@ -310,9 +317,13 @@ class Transportd:
         resync_interval: float = RESYNC_INTERVAL,
         counter_interval: float = COUNTER_INTERVAL,
         portmap: bool = False,
+        relay_fallback: str = "tcp",
+        fallback_after: float = FALLBACK_AFTER,
     ) -> None:
         self.listen = listen
         self.want_portmap = portmap
+        self.relay_fallback = relay_fallback  # "tcp", "tls", "ws", "wss" or "off"
+        self.fallback_after = fallback_after
         self.port_mapping: Direct | None = None  # what the router forwards to us, if anything
         self.portmapper: Any = None
         self.relays = relays
@@ -341,6 +352,7 @@ class Transportd:
             "relays": list(settings.LAZYCAT_RELAYS),
             "tun": settings.LAZYCAT_TUNNEL_TUN,
             "portmap": settings.LAZYCAT_PORTMAP,
+            "relay_fallback": settings.LAZYCAT_RELAY_FALLBACK,
         }
         options.update(overrides)
         return cls(**options)
@@ -388,6 +400,8 @@ class Transportd:
             loop.create_task(self._listen(), name="transportd-layer"),
             loop.create_task(self._counters(), name="transportd-counters"),
         ]
+        if self.relay_fallback != "off" and self.relays:
+            self._tasks.append(loop.create_task(self._fallback(), name="transportd-fallback"))
         log.info(
             UP_LINE,
             extra={
@@ -481,6 +495,21 @@ class Transportd:
             log.info("no port mapping", extra={"reason": str(exc)})
             return
         self.portmapper = client
+
+    async def _fallback(self) -> None:
+        """A relay that has not registered us over UDP by now is reached over a stream: the
+        box's network blocks UDP (or that relay's port). Checked once, after start."""
+        await asyncio.sleep(self.fallback_after)
+        assert self.driver is not None
+        for relay in self.relays:
+            if self.driver.relay_registered(relay.name):
+                continue
+            url = f"{self.relay_fallback}://{relay.endpoint}"
+            log.warning(
+                "relay does not answer over UDP: using a stream",
+                extra={"relay": relay.name, "url": url},
+            )
+            self.driver.use_stream(relay.name, url)
 
     async def _refresh_candidates(self) -> None:
         if self.driver is not None:

@@ -28,6 +28,7 @@ from lazycat.tunnel.daemon import (
     packet_source_ok,
     parse_device_changed,
 )
+from transport import wire
 from transport.bundle import Relay
 from transport.client_cli import UserError, device_facts, run_pair
 from transport.client_config import ClientConfig
@@ -296,3 +297,38 @@ def test_cryptokey_routing() -> None:
     assert not packet_source_ok(_ipv6(mine, box)[:30], mine)  # truncated
     assert packet_destination(_ipv6(box, mine)) == mine.packed
     assert packet_destination(b"\x45" + bytes(39)) is None
+
+
+async def test_a_relay_that_does_not_answer_over_udp_is_reached_over_tcp(box: Any) -> None:
+    """The box's network blocks UDP: the relay listens only on TCP here. transportd falls back
+    to a stream on the same host:port and registers there; the relay's name stays the same."""
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    server = RelayServer(ServerConfig(tcp=[("127.0.0.1", port)]))
+    await server.start()
+    relay = Relay("r1", "127.0.0.1", port)  # UDP to this port goes nowhere
+    try:
+        with override_settings(LAZYCAT_RELAYS=[relay], LAZYCAT_TUNNEL_LISTEN=("127.0.0.1", 0)):
+            transportd = Transportd.from_settings(
+                gatherer=loopback, poll_interval=0, tun=False, fallback_after=0.5
+            )
+            await transportd.start()
+            try:
+                assert transportd.driver is not None
+                assert not transportd.driver.relay_registered("r1")
+
+                async def registered() -> bool:
+                    assert transportd.driver is not None
+                    return transportd.driver.relay_registered("r1")
+
+                await wait_until(registered, 10, "registration over TCP")
+                assert server.core.box_count == 1  # the relay knows the box, over TCP
+                assert server.core.peer_handle(wire.peer_id(transportd.peer.keys.public))
+            finally:
+                await transportd.close()
+    finally:
+        await server.stop()
