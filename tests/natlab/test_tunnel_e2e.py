@@ -250,6 +250,15 @@ def test_device_reaches_a_tcp_listener_on_the_box_through_the_tunnel(
     transportd = "\n".join(ln for ln in box.tail(10**7).splitlines() if "transportd |" in ln)
     assert row["path"] == status["path"], f"console {row}\ndevice {shown}\n{transportd[-6000:]}"
 
+    # Counters: transportd reports each device's traffic every 5 s (when it moved). The echo
+    # sent PAYLOAD bytes each way, so both counters are past it (plus TCP/IP headers).
+    deadline = time.monotonic() + 15
+    while min(row["rx_bytes"], row["tx_bytes"]) <= PAYLOAD and time.monotonic() < deadline:
+        time.sleep(0.5)
+        row = box.device(device_address)
+    assert row["rx_bytes"] > PAYLOAD and row["tx_bytes"] > PAYLOAD, row
+    assert row["last_handshake"] is not None, row
+
     log = box.tail(10**7)
     assert "channel layer lost" not in log, box.tail()
     assert "pairing answered" in log and "state=approved" in log, box.tail()
