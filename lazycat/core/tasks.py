@@ -20,4 +20,8 @@ def check_box_network() -> int | None:
         return None
     # Relays are the STUN servers: every relay answers Binding requests on its own address.
     report = asyncio.run(run_netcheck((), relays))
-    return actions.do_record_box_netcheck(report).pk
+    # The router's port mapping is transportd's (it holds it on the tunnel's port): as published.
+    from lazycat.devices.negotiation import box_candidates
+
+    _, port_mapping = box_candidates()
+    return actions.do_record_box_netcheck(report, port_mapping=port_mapping).pk

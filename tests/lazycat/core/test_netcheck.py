@@ -157,6 +157,20 @@ def test_task_checks_against_the_relays_and_records(box, monkeypatch):
     assert calls == [([], [("home", ("203.0.113.10", 3478))])]  # tests/settings.py's relay
     check = BoxNetcheck.objects.get(pk=pk)
     assert check.nat_type == "NAT3"
+    assert check.port_mapping == ""  # transportd published none
+
+
+def test_task_records_the_port_mapping_transportd_holds(box, monkeypatch):
+    from lazycat.devices.negotiation import publish_box_candidates
+
+    async def fake_run_netcheck(servers, relays, **kwargs):
+        return canned_report(NatType.NAT4)
+
+    monkeypatch.setattr(tasks, "run_netcheck", fake_run_netcheck)
+    publish_box_candidates([], port_mapping="203.0.113.7:40001")
+    check = BoxNetcheck.objects.get(pk=tasks.check_box_network())
+    assert check.port_mapping == "203.0.113.7:40001"
+    assert check.nat_facts().port_mapping  # so NAT4 devices are not told the box is hopeless
 
 
 def test_task_without_relays_does_nothing(box, monkeypatch, settings):
