@@ -132,7 +132,8 @@ def handle(device_id: int, message: neg.ClientMessage) -> None:
         return
     if isinstance(message, neg.Hello):
         generation = negotiation.do_record_candidates(device, message)
-        tasks.negotiate.delay(device_id, generation)
+        if generation is not None:
+            tasks.negotiate.delay(device_id, generation)
     elif isinstance(message, neg.NetcheckMessage):
         try:
             actions.do_record_device_netcheck(device, message.report)

@@ -69,14 +69,23 @@ def box_candidates() -> tuple[list[Candidate], str]:
 # --- the device's side ------------------------------------------------------------------------
 
 
-def do_record_candidates(device: Device, hello: neg.Hello) -> int:
-    """A device's candidates (from its control socket). Returns the new generation."""
+def do_record_candidates(device: Device, hello: neg.Hello) -> int | None:
+    """A device's candidates (from its control socket). Returns the new generation, or None
+    when there is nothing to negotiate: the device is direct already and says nothing new (a
+    control socket that reopened after the web process restarted)."""
     state = cache.get(_state_key(device.pk)) or {}
+    candidates = neg.candidates_to_json(hello.candidates)
+    if (
+        device.path in DIRECT
+        and not hello.network_changed
+        and state.get("candidates") == candidates
+    ):
+        return None
     generation = int(state.get("generation", 0)) + 1
     cache.set(
         _state_key(device.pk),
         {
-            "candidates": neg.candidates_to_json(hello.candidates),
+            "candidates": candidates,
             "generation": generation,
             "attempt": 0,
         },

@@ -203,6 +203,19 @@ def test_retries_back_off_until_direct(box, owner):
     assert negotiation.do_check_negotiation(device.pk, newer) is None
 
 
+def test_a_direct_device_saying_nothing_new_is_left_alone(box, owner):
+    device = approved(box, owner)
+    hello = neg.Hello(tuple(DEVICE_CANDIDATES), False, "")
+    assert negotiation.do_record_candidates(device, hello) == 1
+    Device.objects.filter(pk=device.pk).update(path=PathKind.DIRECT_V4)
+    device.refresh_from_db()
+    assert negotiation.do_record_candidates(device, hello) is None  # its socket reopened
+    moved = neg.Hello(tuple(DEVICE_CANDIDATES), True, "")
+    assert negotiation.do_record_candidates(device, moved) == 2  # a network change: again
+    fewer = neg.Hello(tuple(DEVICE_CANDIDATES[:1]), False, "")
+    assert negotiation.do_record_candidates(device, fewer) == 3  # new candidates: again
+
+
 def test_without_box_candidates_nothing_is_started(box, owner):
     device = approved(box, owner)
     generation = negotiation.do_record_candidates(
