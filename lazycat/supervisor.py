@@ -129,6 +129,9 @@ def process_specs(settings: Any) -> list[ProcessSpec]:
             argv=(python, "-m", "daphne", "-v", "0", "-b", host, "-p", str(port),
                   *(["-e", f"tcp6:port={control}:interface=\\:\\:"] if control else []),
                   *(["--proxy-headers"] if settings.BEHIND_PROXY else []),
+                  # Pings only after 5 idle minutes: each one is tunnel traffic for a device,
+                  # which would keep its path heartbeating every second (docs/negotiation.md).
+                  "--ping-interval", "300", "--ping-timeout", "60",
                   "lazycat.asgi:application"),
             ready=lambda child: http_ready(settings),
         ),

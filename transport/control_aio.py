@@ -59,6 +59,7 @@ class DeviceControl:
         self.last_error = ""
         self.socket_open = False
         self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
         self._dirty = asyncio.Event()
         self._network_changed = False
         self._netcheck: dict[str, Any] | None = None
@@ -101,8 +102,10 @@ class DeviceControl:
     def _on_event(self, event: PeerEvent) -> None:
         if isinstance(event, Connected) and event.peer_key == self.box_key:
             self._connected.set()
+            self._disconnected.clear()
         elif isinstance(event, Disconnected) and event.peer_key == self.box_key:
             self._connected.clear()
+            self._disconnected.set()
         elif isinstance(event, CandidatesChanged):
             self._dirty.set()
         elif (
@@ -158,8 +161,11 @@ class DeviceControl:
                 async with connect(
                     self.url,
                     open_timeout=OPEN_TIMEOUT,
-                    ping_interval=20,
-                    ping_timeout=20,
+                    # No keepalive pings: every packet in the tunnel keeps the session "active"
+                    # (1 s heartbeats, docs/paths.md) and a ping every 20 s would keep it so
+                    # forever. The socket closes when the session does (below) instead.
+                    ping_interval=None,
+                    ping_timeout=None,
                     close_timeout=2,
                     max_size=neg.MAX_MESSAGE,
                     compression=None,
@@ -184,14 +190,22 @@ class DeviceControl:
     async def _serve(self, ws: Any) -> None:
         self._sent = None  # a new socket: the box hears our candidates again
         self._dirty.set()
-        sender = asyncio.get_running_loop().create_task(self._send_loop(ws))
+        loop = asyncio.get_running_loop()
+        sender = loop.create_task(self._send_loop(ws))
+        closer = loop.create_task(self._close_when_disconnected(ws))
         try:
             async for raw in ws:
                 self._message(raw)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            for task in (sender, closer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _close_when_disconnected(self, ws: Any) -> None:
+        """The tunnel's session ended (the box is gone for 90 s): so does this socket."""
+        await self._disconnected.wait()
+        await ws.close()
 
     async def _send_loop(self, ws: Any) -> None:
         while True:

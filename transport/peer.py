@@ -118,6 +118,7 @@ from transport.relay import (
     ZERO_KEY,
     RelayClient,
     RelayEvent,
+    RelayLost,
     RelayReceived,
     RelayRegistered,
 )
@@ -335,6 +336,9 @@ class PeerConfig:
     relay_grace: float = 60.0  # a device's previous home relay stays registered this long
     relay_queue: int = 64  # datagrams held per relay while (re)registering
     relay_keepalive: float = 20.0  # PING interval (under 30 s NAT mapping timeouts)
+    # A box pings its relays more often: it learns of a relay's restart only from the answer to
+    # something it sends, and until it registers again no device can reach it through there.
+    box_relay_keepalive: float = 3.0
 
     def __post_init__(self) -> None:
         if min(self.stun_interval, self.stun_rto, self.home_timeout, self.relay_keepalive) <= 0:
@@ -344,7 +348,7 @@ class PeerConfig:
 
 
 class _Relay:
-    __slots__ = ("address", "client", "name", "queue", "retire_at", "stream", "via")
+    __slots__ = ("address", "client", "last_sent", "name", "queue", "retire_at", "stream", "via")
 
     def __init__(self, name: str, address: Address, stream: bool) -> None:
         self.name = name
@@ -354,6 +358,9 @@ class _Relay:
         self.client: RelayClient | None = None  # None: not registered there (not our home)
         self.queue: deque[tuple[bytes, bytes]] = deque()  # (peer id, payload) until REGISTERED
         self.retire_at: float | None = None  # a device's former home: unregister then
+        # The last datagram sent through it: a relay that answers it with HELLO (it restarted,
+        # or we roamed) has dropped it, and it is often the one that matters (a TCP retransmit)
+        self.last_sent: tuple[bytes, bytes] | None = None
 
 
 class _Remote:
@@ -855,6 +862,7 @@ class Peer:
             self.stats["no_such_relay"] += 1
             return
         if relay.client.registered:
+            relay.last_sent = (destination, payload)
             frame = relay.client.send_frame(destination, payload)
             if relay.stream:
                 self._stream_out.append((relay.name, frame))
@@ -887,6 +895,10 @@ class Peer:
                     self._on_tunnel(payload, source, relay.via, now, wall)
                 else:
                     self.stats["relayed_non_tunnel"] += 1
+            elif isinstance(event, RelayLost):
+                if relay.last_sent is not None and relay.last_sent not in relay.queue:
+                    relay.queue.appendleft(relay.last_sent)  # sent again once registered
+                relay.last_sent = None
             elif isinstance(event, RelayRegistered):
                 client = relay.client
                 assert client is not None
@@ -914,7 +926,9 @@ class Peer:
             self.keys.private,
             now=now,
             ticket_public=self._ticket_public,
-            keepalive=self.config.relay_keepalive,
+            keepalive=(
+                self.config.box_relay_keepalive if self.is_box else self.config.relay_keepalive
+            ),
         )
         for ticket in self._tickets:
             client.add_ticket(ticket)

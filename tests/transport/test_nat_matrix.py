@@ -230,3 +230,23 @@ def test_a_relay_restart_is_survived() -> None:
         assert_all_arrived(other, node, 10.5, 19.5)
         assert node.kinds() == ["relay"]
     assert lab.client.peer.relay_client("r1").registered  # type: ignore[union-attr]
+
+
+def test_an_idle_box_is_back_at_a_restarted_relay_within_3_s_and_no_datagram_is_lost() -> None:
+    """Nobody sends anything when the relay restarts. The box learns of it from its next relay
+    ping (every 3 s; a device's is 20 s) and registers again; the device learns of it only when
+    it sends: the relay answers HELLO and drops that datagram, which the device sends again once
+    registered (it is often a TCP retransmission: losing it doubles the stall)."""
+    lab = make_lab(natsim.NAT4, natsim.NAT4)
+    lab.connect()
+    lab.net.run_until(3)
+    assert lab.client.kinds() == ["relay"] and lab.relay.core.box_count == 1
+    lab.relay.restart()
+    lab.net.run_until(3 + 3.2)
+    assert lab.relay.core.box_count == 1, "the box registered again on its own"
+    sent_at = lab.net.now
+    lab.client.send(lab.box)
+    lab.net.run_until(sent_at + 1)
+    arrived = [(t, seq) for t, seq, _ in lab.box.received]
+    assert [seq for _, seq in arrived] == [1]
+    assert arrived[0][0] - sent_at < 0.5
