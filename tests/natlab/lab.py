@@ -120,6 +120,29 @@ def check_available(need_miniupnpd: bool = False) -> str | None:
     return None
 
 
+def lab_or_skip(
+    *, need_miniupnpd: bool = False, tun: bool = False, tools: Sequence[tuple[str, str]] = ()
+) -> None:
+    """Call first in a lab test's fixture. If the lab cannot run here, the test **fails** with
+    the reason where it must run — as root (CI runs as root: a root run that skipped the lab
+    would prove nothing) or with ``CI`` set — and is skipped with the reason elsewhere (a
+    developer without root). ``tools`` are (command, Debian package) pairs the test also needs.
+    """
+    import pytest
+
+    reason = check_available(need_miniupnpd)
+    if reason is None and tun and not os.path.exists("/dev/net/tun"):
+        reason = "no /dev/net/tun (the tunnel's TUN interfaces)"
+    for tool, package in tools:
+        if reason is None and shutil.which(tool) is None:
+            reason = f"{tool} not installed (Debian: {package}; make test installs it)"
+    if reason is None:
+        return
+    if os.environ.get("CI") or os.geteuid() == 0:
+        pytest.fail(f"the NAT lab cannot run here: {reason}")
+    pytest.skip(reason)
+
+
 def require_lab(need_miniupnpd: bool = False) -> None:
     """Raise :class:`LabUnavailable` with the reason if the lab cannot be built here."""
     reason = check_available(need_miniupnpd)

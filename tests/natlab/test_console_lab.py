@@ -9,7 +9,6 @@ Chromium runs inside the box's namespace (a wrapper ``ip netns exec`` script is 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_in_namespace
-from tests.natlab.lab import RELAY_IPS, Lab, check_available
+from tests.natlab.lab import RELAY_IPS, Lab, lab_or_skip
 from tests.natlab.labbox import OWNER, PASSWORD, LabBox, LabClient
 
 pytestmark = [pytest.mark.natlab, pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -29,21 +28,9 @@ pytestmark = [pytest.mark.natlab, pytest.mark.e2e, pytest.mark.timeout(180)]
 RELAY_PORT = 3480
 
 
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI") or os.geteuid() == 0:
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    reason = check_available()
-    if reason is None and not os.path.exists("/dev/net/tun"):
-        reason = "no /dev/net/tun"
-    if reason is None and not Path(CHROMIUM).exists():
-        reason = f"{CHROMIUM} is missing: run make test (it installs Debian's chromium)"
-    if reason:
-        _skip_or_fail(reason)
+    lab_or_skip(tun=True, tools=[(CHROMIUM, "chromium")])
     root = Path(tempfile.mkdtemp(prefix="lzc-console-lab-"))
     try:
         yield root

@@ -32,7 +32,7 @@ One lab serves every scenario (the tests run in file order and share it)::
    that the relay forgot it, plus 5 s for a loaded machine); printed the time from the
    restart to the first echo reply and, from the relay's /metrics, when each side registered again.
 
-Needs root, ``ip``, ``nft`` and ``/dev/net/tun``: skipped without them, failing under CI.
+Needs root, ``ip``, ``nft`` and ``/dev/net/tun``: skipped without them, failing as root or under CI (`lab_or_skip`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any
 
 import pytest
 
-from tests.natlab.lab import PYTHON, RELAY_IPS, Host, Lab, Node, Site, check_available
+from tests.natlab.lab import PYTHON, RELAY_IPS, Host, Lab, Node, Site, lab_or_skip
 from tests.natlab.labbox import LabBox, LabClient
 from transport.addressing import box_address, box_prefix
 from transport.bundle import PairingBundle
@@ -241,12 +241,6 @@ print(json.dumps(out))
 """
 
 
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @dataclass
 class Device:
     name: str
@@ -339,11 +333,7 @@ def _pair(rig: Rig, dev: Device) -> None:
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
-    reason = check_available()
-    if reason is None and not os.path.exists("/dev/net/tun"):
-        reason = "no /dev/net/tun"
-    if reason:
-        _skip_or_fail(reason)
+    lab_or_skip(tun=True)
     root = Path(tempfile.mkdtemp(prefix="lzc-faults-"))
     unclean: list[str] = []
     began = time.monotonic()

@@ -9,32 +9,24 @@ payload iperf3 moved, so the second figure really is the tunnel's. The figures a
 (``pytest -s``) and recorded as test properties.
 
 Needs root, ``ip``, ``nft``, ``/dev/net/tun``, ``iperf3``, ``wireguard-go`` and ``wg``
-(``wireguard-tools``): skipped without them, failing under CI.
+(``wireguard-tools``): skipped without them, failing as root or under CI (`lab_or_skip`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from tests.natlab.lab import Host, Lab, check_available
+from tests.natlab.lab import Host, Lab, lab_or_skip
 from tests.natlab.throughput import WireguardGo, tcp_stream
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(90)]
 
 SECONDS = 2.0
 FLOOR_MBIT = 20.0  # far below what any of this does on a 2-core VM; catches a broken path
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @dataclass
@@ -46,18 +38,10 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    reason = check_available()
-    if reason is None and not os.path.exists("/dev/net/tun"):
-        reason = "no /dev/net/tun"
-    for tool, package in (
-        ("iperf3", "iperf3"),
-        ("wireguard-go", "wireguard-go"),
-        ("wg", "wireguard-tools"),
-    ):
-        if reason is None and shutil.which(tool) is None:
-            reason = f"{tool} not installed (Debian: {package})"
-    if reason:
-        _skip_or_fail(reason)
+    lab_or_skip(
+        tun=True,
+        tools=[("iperf3", "iperf3"), ("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")],
+    )
     with Lab(start_stun=False) as lab:
         inside = lab.add_site("home", "NAT3").add_host("inside")
         public = lab.add_public_host("public")

@@ -8,7 +8,7 @@ Two layouts: the device on the box's LAN, and the device behind a NAT3 router of
 step has a deadline; every process is started through the lab, which kills it by PID and
 deletes the namespaces; the box is stopped with SIGTERM and must stop cleanly.
 
-Needs root, ``ip`` and ``nft`` (and ``/dev/net/tun``): skipped without them, failing under CI.
+Needs root, ``ip`` and ``nft`` (and ``/dev/net/tun``): skipped without them, failing as root or under CI (`lab_or_skip`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.natlab.lab import PYTHON, RELAY_IPS, Host, Lab, check_available
+from tests.natlab.lab import PYTHON, RELAY_IPS, Host, Lab, lab_or_skip
 from tests.natlab.labbox import LabBox, LabClient
 from transport.addressing import box_address, box_prefix
 from transport.bundle import PairingBundle
@@ -106,12 +106,6 @@ print(got)
 """
 
 
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @dataclass
 class World:
     lab: Lab
@@ -127,11 +121,7 @@ class World:
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    reason = check_available()
-    if reason is None and not os.path.exists("/dev/net/tun"):
-        reason = "no /dev/net/tun"
-    if reason:
-        _skip_or_fail(reason)
+    lab_or_skip(tun=True)
     root = Path(tempfile.mkdtemp(prefix="lzc-tun-"))
     unclean: list[str] = []
     try:
