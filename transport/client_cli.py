@@ -48,7 +48,7 @@ from transport.addressing import CLIENT_LOCAL, OVERLAY, RESOLVER, box_address, b
 from transport.bundle import BundleError, PairingBundle, Relay
 from transport.client_config import ClientConfig, ConfigError, Paired, default_dir
 from transport.control_aio import DeviceControl
-from transport.paths import Candidate, CandidateKind, Direct
+from transport.paths import Candidate, CandidateKind, Direct, is_lan_address
 from transport.peer import (
     Connected,
     Disconnected,
@@ -142,7 +142,16 @@ async def _start_driver(
 
 
 def _lan_candidates(lan: Sequence[tuple[str, int]]) -> list[Candidate]:
-    return [Candidate(CandidateKind.LAN, Direct(host, port)) for host, port in lan]
+    """The pairing code's box addresses: its LAN address — or its public one, when the box
+    has one (no NAT): a direct path there is not a LAN path."""
+    out = []
+    for host, port in lan:
+        if is_lan_address(host):
+            kind = CandidateKind.LAN
+        else:
+            kind = CandidateKind.IPV6 if ":" in host else CandidateKind.EGRESS
+        out.append(Candidate(kind, Direct(host, port)))
+    return out
 
 
 def apply_config(paired: Paired, config: negotiation.Config) -> bool:
@@ -330,6 +339,22 @@ class _Status:
             )
 
 
+def _tun_problem(exc: Exception) -> str:
+    """What went wrong configuring the TUN, in words that say what to do."""
+    text = str(getattr(exc, "strerror", None) or exc)
+    try:
+        disabled = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "1"
+    except OSError:
+        disabled = False
+    if disabled:
+        return (
+            f"{text}: IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6=1), and the "
+            "overlay is IPv6. Enable it: sudo sysctl -w net.ipv6.conf.all.disable_ipv6=0 "
+            "(an IPv4-only network is fine; only the host's IPv6 stack is needed)"
+        )
+    return text
+
+
 def _is_tunnel_packet(packet: bytes) -> bool:
     """An IPv6 packet for the overlay (not client-local: the resolver answers those itself)."""
     if len(packet) < 40 or packet[0] >> 4 != 6:
@@ -369,7 +394,7 @@ async def run_up(
         await loop.run_in_executor(None, lambda: tun.configure([paired.address, RESOLVER]))
     except TunError as exc:
         tun.close()
-        raise UserError(str(exc.strerror or exc)) from None
+        raise UserError(_tun_problem(exc)) from None
     status = _Status(paired, tun.name, time.time())
     resolver: asyncio.DatagramTransport | None = None
     responder: dns.Responder | None = None

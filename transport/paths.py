@@ -282,7 +282,9 @@ class Path:
         return f"<Path {self.destination} {self.kind.value} {self.state.value}{rtt}>"
 
 
-def _is_lan(ip: str) -> bool:
+def is_lan_address(ip: str) -> bool:
+    """An address only its own network reaches: RFC 1918, link-local, ULA. (Not Python's
+    ``is_private``, which also counts the documentation and benchmarking ranges.)"""
     addr = ip_address(ip)
     if isinstance(addr, IPv4Address):
         return any(addr in net for net in _LAN_V4)
@@ -544,7 +546,7 @@ class PathManager:
         ]
         if same_ip:
             return CandidateKind.REFLEXIVE if CandidateKind.REFLEXIVE in same_ip else same_ip[0]
-        if _is_lan(dest.ip):
+        if is_lan_address(dest.ip):
             return CandidateKind.LAN
         return CandidateKind.IPV6 if dest.family == 6 else CandidateKind.REFLEXIVE
 

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 from transport import netcheck_aio, wire
 from transport.addressing import OVERLAY
-from transport.paths import Candidate, CandidateKind, Direct
+from transport.paths import Candidate, CandidateKind, Direct, is_lan_address
 from transport.peer import PacketReceived, Peer, PeerEvent
 from transport.relay_aio import WS_PATH, _ClientStream
 from transport.stun import unmap_address
@@ -83,8 +83,8 @@ def _kind_of(ip: str) -> CandidateKind | None:
     if address.is_unspecified or address in OVERLAY:
         return None  # our own TUN: announcing it would route the tunnel into itself
     if address.version == 6:
-        return CandidateKind.LAN if address.is_private else CandidateKind.IPV6
-    return CandidateKind.LAN if address.is_private else CandidateKind.EGRESS
+        return CandidateKind.LAN if is_lan_address(ip) else CandidateKind.IPV6
+    return CandidateKind.LAN if is_lan_address(ip) else CandidateKind.EGRESS
 
 
 def gather(port: int) -> list[Candidate]:

@@ -24,6 +24,7 @@ manifest in ``/tmp/natlab-<pid>.json`` lists them for ``python tests/natlab/lab.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -328,7 +329,13 @@ class Site:
 
 
 def router_ruleset(
-    kind: str, wan: str, *, portmap: bool = False, udp_timeout: int = 30, v6_open: bool = False
+    kind: str,
+    wan: str,
+    *,
+    lan: str = "",
+    portmap: bool = False,
+    udp_timeout: int = 30,
+    v6_open: bool = False,
 ) -> str:
     """The router's whole ``table inet filter`` (miniupnpd's chains live in it too).
 
@@ -421,7 +428,10 @@ def router_ruleset(
         post.append("    jump postrouting_miniupnpd")
     if nat4:
         how = " fully-random" if kind == "NAT4" else ""
-        post.append(f'    oifname "{wan}" meta nfproto ipv4 masquerade{how}')
+        # Only what comes from the LAN: the router's own packets (miniupnpd's STUN check)
+        # leave from its WAN address untranslated, as on a real router.
+        src = f'iifname "{lan}" ' if lan else ""
+        post.append(f'    {src}oifname "{wan}" meta nfproto ipv4 masquerade{how}')
     post.append("  }")
     lines += post
     if kind in ("NAT1", "NAT2"):
@@ -606,7 +616,10 @@ class Lab:
         br = self.ifname("br")
         self._ip(
             ns,
-            [f"link add {br} type bridge", f"link set {br} up"]
+            # A fixed MAC: a bridge without one takes its lowest port's, so it would change as
+            # sites join, leaving a router that already cached the gateway's MAC (miniupnpd's
+            # STUN check at start) sending into the void.
+            [f"link add {br} address 02:00:5e:00:53:01 type bridge", f"link set {br} up"]
             + [f"addr add {gw}/24 dev {br}" for gw in INTERNET_GW4]
             + [f"addr add {INTERNET_GW6}/64 dev {br} nodad"],
         )
@@ -790,7 +803,7 @@ class Lab:
             router.lan_ip, router.lan_prefix = f"10.{k}.1.1", 24
         lan = router.lan_if
         batch = [
-            f"link add {lan} type bridge",
+            f"link add {lan} address 02:00:5e:00:54:{k:02x} type bridge",  # fixed, as the internet
             f"link set {lan} up",
             f"addr add {router.lan_ip}/{router.lan_prefix} dev {lan}",
         ]
@@ -804,6 +817,7 @@ class Lab:
             router_ruleset(
                 outer_kind,
                 router.wan_if,
+                lan=router.lan_if,
                 portmap=portmap,
                 udp_timeout=udp_timeout,
                 v6_open=(nat == "none"),
@@ -897,7 +911,7 @@ class Lab:
         tmp.mkdir(exist_ok=True)
         self._dirs.append(str(tmp))
         conf = tmp / "miniupnpd.conf"
-        net = router.lan_ip.rsplit(".", 1)[0] + ".0"
+        net = ipaddress.ip_network(f"{router.lan_ip}/{router.lan_prefix}", strict=False)
         conf.write_text(
             f"ext_ifname={router.wan_if}\n"
             f"listening_ip={router.lan_if}\n"
@@ -911,7 +925,7 @@ class Lab:
             f"ext_stun_port={PROBE_PORTS[0]}\n"
             f"lease_file={tmp / 'leases'}\n"
             "uuid=3b0b6d1c-5a52-4c0e-9f4a-0000000000ab\n"
-            f"allow 1024-65535 {net}/{router.lan_prefix} 1024-65535\n"
+            f"allow 1024-65535 {net} 1024-65535\n"
             "deny 0-65535 0.0.0.0/0 0-65535\n"
         )
         log = tmp / "miniupnpd.log"

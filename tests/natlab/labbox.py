@@ -19,8 +19,8 @@ directory, runs ``migrate`` and ``collectstatic`` itself, then its children). Th
 is then created by ``do_setup_box``, the action behind the console's setup page. Everything
 the box runs, and every Django snippet the test runs against it (``LabBox.django``), lives in
 the box host's namespace with one environment: the throwaway data directory, the lab's relay,
-the tunnel on 0.0.0.0:7483 with its TUN, a random secret key. Nothing here touches the test
-session's own Redis or database.
+the tunnel on the product's default [::]:7483 with its TUN, a random secret key. Nothing here
+touches the test session's own Redis or database.
 
 Every process is started through the lab (``Node.popen``), which kills it by PID when it
 closes; ``LabBox.stop`` also kills, by PID, any child of ``lazycat up`` still alive in the box's
@@ -48,7 +48,7 @@ UP_TEXT = (
     "lazycat is up: "  # the supervisor's ready line (lazycat/supervisor.py, Supervisor._start)
 )
 STARTED = re.compile(r"started (\S+) \(pid (\d+)\)")  # the supervisor's "started web (pid 12)"
-TUNNEL_LISTEN = "0.0.0.0:7483"
+TUNNEL_LISTEN = "[::]:7483"  # the product's default: dual stack
 OWNER, PASSWORD = "owner", "a-long-lab-password-1234"
 
 # Variables the test process has that must not leak into the box (tests.settings sets some).

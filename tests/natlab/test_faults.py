@@ -32,7 +32,8 @@ One lab serves every scenario (the tests run in file order and share it)::
    that the relay forgot it, plus 5 s for a loaded machine); printed the time from the
    restart to the first echo reply and, from the relay's /metrics, when each side registered again.
 
-Needs root, ``ip``, ``nft`` and ``/dev/net/tun``: skipped without them, failing as root or under CI (`lab_or_skip`).
+Needs root, ``ip``, ``nft`` and ``/dev/net/tun``: skipped without them, failing as root or
+under CI (``lab_or_skip``).
 """
 
 from __future__ import annotations

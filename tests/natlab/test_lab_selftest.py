@@ -17,7 +17,8 @@ TCP passing, the IPv6 firewall, miniupnpd's NAT-PMP mapping, short conntrack tim
 block/unblock, a new WAN address), and the cross-check: our own netcheck, run in each site
 against our RFC 5780 STUN server on the relay, names the NAT type each router emulates.
 
-Needs root, ``ip``, ``nft`` and ``miniupnpd``: skipped without them, failing as root or under CI (``lab_or_skip``).
+Needs root, ``ip``, ``nft`` and ``miniupnpd``: skipped without them, failing as root or under
+CI (``lab_or_skip``).
 """
 
 from __future__ import annotations

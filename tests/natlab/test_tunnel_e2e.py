@@ -8,7 +8,8 @@ Two layouts: the device on the box's LAN, and the device behind a NAT3 router of
 step has a deadline; every process is started through the lab, which kills it by PID and
 deletes the namespaces; the box is stopped with SIGTERM and must stop cleanly.
 
-Needs root, ``ip`` and ``nft`` (and ``/dev/net/tun``): skipped without them, failing as root or under CI (`lab_or_skip`).
+Needs root, ``ip`` and ``nft`` (and ``/dev/net/tun``): skipped without them, failing as root
+or under CI (``lab_or_skip``).
 """
 
 from __future__ import annotations

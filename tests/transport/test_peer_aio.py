@@ -207,3 +207,30 @@ def test_gathered_candidates_are_never_loopback_link_local_or_overlay() -> None:
         address = candidate.address
         assert isinstance(address, Direct) and address.port == 41641
         assert not address.ip.startswith(("127.", "::1", "fe80", "fc03:1136:38"))
+
+
+@pytest.mark.parametrize(
+    ("ip", "kind"),
+    [
+        ("10.1.2.3", CandidateKind.LAN),
+        ("192.168.1.5", CandidateKind.LAN),
+        ("fd12:3456::5", CandidateKind.LAN),  # ULA
+        ("203.0.113.7", CandidateKind.EGRESS),  # documentation ranges are "private" to Python,
+        ("198.51.100.18", CandidateKind.EGRESS),  # but public for paths: a public box is not
+        ("2001:db8:1:1::a", CandidateKind.IPV6),  # on anyone's LAN
+        ("127.0.0.1", None),
+        ("fe80::1", None),
+        ("fc03:1136:3800::1", None),  # our own overlay
+    ],
+)
+def test_candidate_kinds_follow_reachability_not_pythons_is_private(ip, kind) -> None:
+    from transport.peer_aio import _kind_of
+
+    assert _kind_of(ip) == kind
+
+
+def test_a_pairing_codes_public_box_address_is_not_a_lan_candidate() -> None:
+    from transport.client_cli import _lan_candidates
+
+    kinds = [c.kind for c in _lan_candidates([("192.168.1.10", 7483), ("198.51.100.18", 7483)])]
+    assert kinds == [CandidateKind.LAN, CandidateKind.EGRESS]
