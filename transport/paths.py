@@ -424,6 +424,19 @@ class PathManager:
         self._cause = "network changed"
         self._tick(now)
 
+    def peer_moved(self, now: float) -> None:
+        """The peer reached us through the relay while our data goes direct: it has lost that
+        path (its process restarted on a new port, it moved). Suspect the active path at
+        once — data goes on the relay too until the path answers — instead of sending into
+        the void until the trust timeout."""
+        self._advance(now)
+        a = self._active
+        if a is not None and a.state is PathState.UP:
+            a.backoff = self.config.retry_min
+            self._start_round(a, now, PathState.SUSPECT)
+            self._cause = "the peer came back through the relay"
+        self._tick(now)
+
     def route(self, now: float) -> list[Destination]:
         """Where to send one data packet now (possibly two places, possibly none)."""
         if now >= self._active_until:

@@ -797,6 +797,8 @@ class Peer:
             self._sync(key, remote, now)
         if path is not None:
             pm.received(path, now)
+        if isinstance(path, ViaRelay) and isinstance(pm.primary, Direct):
+            pm.peer_moved(now)  # a handshake through the relay: our direct path is stale
         if newly and remote.last_path is not None:
             self._report(key, remote.last_path)  # what the path manager said before: now show it
         self._pump(key, remote, now)

@@ -855,3 +855,16 @@ def test_nat_pair_grid_at_the_path_layer(
     for peer in (client, box):
         assert isinstance(peer.pm.primary, Direct) is expected_direct, peer.changes
         assert peer.pm.kind == ("direct-v4" if expected_direct else "relay")
+
+
+def test_a_peer_back_through_the_relay_makes_the_direct_path_suspect_at_once() -> None:
+    """The peer's process restarted (new port): its new session came through the relay.
+    Data must not go only to the old direct path until the trust timeout."""
+    h = established({A4: 0.04})
+    h.pm.remote_candidates([Candidate(K.REFLEXIVE, A4), Candidate(K.RELAY, RELAY)])
+    h.send_data(0.05)
+    h.run_until(5)
+    assert h.pm.primary == A4
+    h.call(h.pm.peer_moved)
+    assert set(h.pm.route(h.now)) == {A4, RELAY}  # dual sending from this moment
+    assert h.probes(A4, after=4.999) == [5.0]
