@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python tests/bench/bench_session.py
 	$(BIN)/python tests/bench/bench_relay.py
 	$(BIN)/python tests/bench/failover_sim.py
+	$(BIN)/python tests/bench/bench_lab.py  # the NAT lab: root, after make test's packages
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
