@@ -188,8 +188,7 @@ class Bench:
         direct-v6, which is not what the IPv4 figures are about)."""
         place = self.lab.add_site(name, nat, ipv6=False)
         host = place.add_host(name)
-        # an IPv4-only *network*: the host's own IPv6 stack stays on (the overlay needs it)
-        host.sysctl(net__ipv6__conf__all__disable_ipv6=0, net__ipv6__conf__default__disable_ipv6=0)
+        host.ipv6_stack_on()
         client = LabClient(host, self.work / name)
         client.start_pair(box.pairing_code(), timeout=60)
         box.approve_pending(30)

@@ -219,6 +219,11 @@ class Host(Node):
     site: Site | None = None
     ips: list[str] = field(default_factory=list)  # every address, IPv4 then IPv6
 
+    def ipv6_stack_on(self) -> None:
+        """A host on an IPv4-only network (``ipv6=False``) still has an IPv6 *stack*, as real
+        hosts do: the tunnel's overlay addresses need it. (``ipv6=False`` turns it off.)"""
+        self.sysctl(net__ipv6__conf__all__disable_ipv6=0, net__ipv6__conf__default__disable_ipv6=0)
+
     def addr(self, port: int, family: int = 4) -> str:
         ip = self.ip if family == 4 else self.ip6
         if ip is None:

@@ -51,9 +51,11 @@ def test_a_lab_device_goes_yellow_then_blue_then_yellow_live(workdir: Path) -> N
             stderr=relay_log,
         )
         box_site = lab.add_site("box", "NAT3")
-        phone_site = lab.add_site("phone", "NAT3")
+        phone_site = lab.add_site("phone", "NAT3", ipv6=False)  # IPv4 NAT: punched direct-v4
         box = LabBox(lab, box_site.add_host("box"), workdir, f"home={RELAY_IPS[0]}:{RELAY_PORT}")
-        phone = LabClient(phone_site.add_host("phone"), workdir / "phone")
+        phone_host = phone_site.add_host("phone")
+        phone_host.ipv6_stack_on()
+        phone = LabClient(phone_host, workdir / "phone")
         box.start()
         try:
             box.setup_box("labbox")

@@ -350,8 +350,11 @@ def rig() -> Iterator[Rig]:
                 overlay = box_address(box_prefix(PairingBundle.parse(box.pairing_code()).box_key))
                 made = Rig(lab, root, box, box_site, overlay, relay)
                 for name in ("a", "b"):
-                    site = lab.add_site(name, "NAT3" if name == "a" else "NAT4")
+                    # IPv4-only networks: the faults are about IPv4 NAT paths (with global
+                    # IPv6 both devices would rightly go direct-v6)
+                    site = lab.add_site(name, "NAT3" if name == "a" else "NAT4", ipv6=False)
                     host = site.add_host(f"dev{name}")
+                    host.ipv6_stack_on()
                     made.devices[name] = Device(name, site, host, LabClient(host, root / name))
                     _pair(made, made.devices[name])
                 with (root / "sink.log").open("w") as out:

@@ -403,12 +403,7 @@ def test_every_client_row_against_one_box_column(world: World, mapped: bool, col
         kind, ipv6, extra = ROW_SITE[row]
         host = lab.add_site(f"c-{row}", kind, ipv6=ipv6).add_host(row.lower())  # type: ignore[arg-type]
         if not ipv6:
-            # An IPv4-only network, not a host without IPv6: the lab's ipv6=False host turns the
-            # stack off, which would refuse the overlay address on lzc0 (EACCES). Back on, the
-            # host has only link-local IPv6 and no IPv6 route.
-            host.sysctl(
-                net__ipv6__conf__all__disable_ipv6=0, net__ipv6__conf__default__disable_ipv6=0
-            )
+            host.ipv6_stack_on()  # an IPv4-only network, not a host without IPv6
         client = MatrixClient(host, root / f"client-{row}", row, extra)
         world.clients.append(client)
         cells.append(Cell(row, GRID[(mapped, row, column)], client))
