@@ -322,6 +322,7 @@ class PeerDriver:
         self._poller: asyncio.Task[None] | None = None
         self._fingerprint: tuple[str | None, str | None, frozenset[str]] | None = None
         self._closed = False
+        self._flush_pending = False
 
     # --- life -------------------------------------------------------------------------------
 
@@ -471,7 +472,7 @@ class PeerDriver:
         if sent:
             self.stats["tx_packets"] += 1
             self.stats["tx_bytes"] += len(packet)
-        self.flush()
+        self._flush_soon()
         return sent
 
     def send_frame(
@@ -514,6 +515,22 @@ class PeerDriver:
 
     def _datagram(self, data: bytes, source: Address) -> None:
         self._deliver(self.peer.receive(data, source, self.now(), self.wall()))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """The data path's flush. Packets come in bursts within one loop iteration (a TUN read
+        drains up to 64, the UDP socket as many as are queued): what they queued is sent at
+        once, but events and the timer are looked at once after the burst, not per packet
+        (``Peer.next_timer`` visits every peer)."""
+        if self._closed:
+            return
+        self._send_queued()
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         self.flush()
 
     def _stream_frame(self, name: str, frame: bytes) -> None:
@@ -528,8 +545,12 @@ class PeerDriver:
         """Send what the Peer queued, deliver its events, and set its timer."""
         if self._closed:
             return
+        self._deliver(self.peer.take_events())
+        self._send_queued()
+        self._rearm()
+
+    def _send_queued(self) -> None:
         peer = self.peer
-        self._deliver(peer.take_events())
         transport, sock = self._transport, self.sock
         if transport is not None and sock is not None:
             family = sock.family
@@ -543,7 +564,9 @@ class PeerDriver:
             link = self._streams.get(name)
             if link is not None:
                 link.write(frame)
-        due = peer.next_timer()
+
+    def _rearm(self) -> None:
+        due = self.peer.next_timer()
         if due == self._due and self._timer is not None:
             return
         if self._timer is not None:
