@@ -54,6 +54,48 @@ OWNER, PASSWORD = "owner", "a-long-lab-password-1234"
 # Variables the test process has that must not leak into the box (tests.settings sets some).
 _DROP = {"DATABASE_URL", "REDIS_URL", "PYTHONPATH", "DJANGO_SETTINGS_MODULE"}
 
+# A TCP service for the tests to reach through the tunnel: ``ECHO ADDRESS PORT`` takes a length
+# and that many bytes, and answers their SHA-256 then the bytes reversed (both directions carry
+# the payload); one thread a connection. ``ECHO_CLIENT ADDRESS PORT SIZE`` prints "ok" or why not.
+ECHO = """
+import hashlib, socket, sys, threading
+srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(32)
+print("ready", flush=True)
+def serve(conn):
+    with conn:
+        conn.settimeout(20)
+        n = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
+        got = bytearray()
+        while len(got) < n:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        conn.sendall(hashlib.sha256(got).digest() + bytes(reversed(got)))
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+ECHO_CLIENT = """
+import hashlib, os, socket, sys
+data = os.urandom(int(sys.argv[3]))
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20) as s:
+    s.sendall(len(data).to_bytes(4, "big") + data)
+    digest = s.recv(32, socket.MSG_WAITALL)
+    back = bytearray()
+    while len(back) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        back += chunk
+ok = digest == hashlib.sha256(data).digest() and bytes(back) == data[::-1]
+print("ok" if ok else f"mismatch sent={len(data)} back={len(back)}")
+"""
+
 _PRELUDE = "import sys\nimport django\ndjango.setup()\n"
 
 
@@ -354,6 +396,15 @@ class LabClient:
         """``up --mode MODE`` in the foreground (the lab kills it); waits for it to dial."""
         self.up_proc = self._start("up", "--mode", mode)
         _wait_log(self.log("up"), "connecting to", timeout, self.up_proc, "lazycat-client up")
+
+    def state(self) -> dict[str, Any]:
+        """``up``'s state.json as it is now (what ``status`` reports; rewritten every second),
+        {} before the first or while it is being replaced."""
+        try:
+            data = json.loads((self.config / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def status(self, timeout: float = 15) -> dict[str, Any]:
         """``status --json`` (exit 3 = not running is still a JSON answer)."""

@@ -251,12 +251,7 @@ class Device:
     address: IPv6Address | None = None
 
     def state(self) -> dict[str, Any]:
-        """``up``'s state.json (rewritten every second), {} while it is being replaced."""
-        try:
-            data = json.loads((self.client.config / "state.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return self.client.state()
 
 
 @dataclass

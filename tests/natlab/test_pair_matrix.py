@@ -52,12 +52,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.natlab.lab import PYTHON, RELAY_IPS, Host, Lab, Site, lab_or_skip
-from tests.natlab.labbox import OWNER, PASSWORD, BoxError, LabBox, LabClient
+from tests.natlab.labbox import ECHO, ECHO_CLIENT, OWNER, PASSWORD, BoxError, LabBox, LabClient
 from tests.transport.test_nat_matrix import COLUMNS, ROWS, read_grid
 from transport.addressing import box_address, box_prefix
 from transport.bundle import PairingBundle
@@ -102,44 +101,6 @@ DIRECT_WAIT = 15.0  # a direct cell: past the negotiation's second attempt (~9 s
 CONNECT_WAIT = 20.0  # `up` to a session on the relay
 CONSOLE_WAIT = 15.0  # transportd reports each path change into the database at once
 
-ECHO = """
-import hashlib, socket, sys, threading
-srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2])))
-srv.listen(32)
-print("ready", flush=True)
-def serve(conn):
-    with conn:
-        conn.settimeout(20)
-        n = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
-        got = bytearray()
-        while len(got) < n:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        conn.sendall(hashlib.sha256(got).digest() + bytes(reversed(got)))
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
-"""
-
-CLIENT = """
-import hashlib, os, socket, sys
-data = os.urandom(int(sys.argv[3]))
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
-    s.sendall(len(data).to_bytes(4, "big") + data)
-    digest = s.recv(32, socket.MSG_WAITALL)
-    back = bytearray()
-    while len(back) < len(data):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        back += chunk
-ok = digest == hashlib.sha256(data).digest() and bytes(back) == data[::-1]
-print("ok" if ok else f"mismatch sent={len(data)} back={len(back)}")
-"""
 
 # What the setup page does (LabBox.setup_box), then one pairing code per client, in one Django
 # start-up (each costs ~1.5 s of CPU on this 2-core machine).
@@ -195,14 +156,6 @@ class MatrixClient(LabClient):
 
     def start_up(self) -> None:
         self.up_proc = self._start("up", "--mode", "tun", *self.extra)
-
-    def state(self) -> dict[str, Any]:
-        """``up``'s state.json as it is now (what ``status`` reports), {} before the first."""
-        try:
-            data = json.loads((self.config / "state.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -318,7 +271,9 @@ def _check_cell(cell: Cell, overlay: str, began: float) -> None:
     deadline = time.monotonic() + 20
     while True:
         proc = client.host.run(
-            [PYTHON, "-c", CLIENT, overlay, str(ECHO_PORT), str(PAYLOAD)], check=False, timeout=25
+            [PYTHON, "-c", ECHO_CLIENT, overlay, str(ECHO_PORT), str(PAYLOAD)],
+            check=False,
+            timeout=25,
         )
         said = (proc.stdout + proc.stderr).strip().splitlines()
         cell.echo = said[-1][:120] if said else f"no output (exit {proc.returncode})"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.natlab.lab import PYTHON, RELAY_IPS, Host, Lab, lab_or_skip
-from tests.natlab.labbox import LabBox, LabClient
+from tests.natlab.labbox import ECHO, ECHO_CLIENT, LabBox, LabClient
 from transport.addressing import box_address, box_prefix
 from transport.bundle import PairingBundle
 
@@ -45,42 +45,6 @@ EXPECTED_PATH = {
     "nat3-nat3": "direct-v4",
 }
 
-ECHO = """
-import hashlib, socket, sys
-srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2])))
-srv.listen(4)
-print("ready", flush=True)
-while True:
-    conn, _ = srv.accept()
-    with conn:
-        conn.settimeout(20)
-        n = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
-        got = bytearray()
-        while len(got) < n:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        conn.sendall(hashlib.sha256(got).digest() + bytes(reversed(got)))
-"""
-
-CLIENT = """
-import hashlib, os, socket, sys
-data = os.urandom(int(sys.argv[3]))
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20) as s:
-    s.sendall(len(data).to_bytes(4, "big") + data)
-    digest = s.recv(32, socket.MSG_WAITALL)
-    back = bytearray()
-    while len(back) < len(data):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        back += chunk
-ok = digest == hashlib.sha256(data).digest() and bytes(back) == data[::-1]
-print("ok" if ok else f"mismatch sent={len(data)} back={len(back)}")
-"""
 
 # ping -6 without iputils: ICMPv6 Echo Request (type 128) on a raw socket; Linux fills in the
 # checksum of raw ICMPv6 sockets (RFC 3542 section 3.1). Prints how many echoes came back.
@@ -203,7 +167,7 @@ def test_device_reaches_a_tcp_listener_on_the_box_through_the_tunnel(
     result = ""
     while time.monotonic() < deadline:
         proc = phone_host.run(
-            [PYTHON, "-c", CLIENT, str(overlay), str(ECHO_PORT), str(PAYLOAD)],
+            [PYTHON, "-c", ECHO_CLIENT, str(overlay), str(ECHO_PORT), str(PAYLOAD)],
             check=False,
             timeout=30,
         )
