@@ -126,14 +126,22 @@ def device_ticket(box: Box, device: Device, now: int | None = None) -> bytes:
     ).encode()
 
 
-def box_records(box: Box) -> dict[str, list[str]]:
-    """The names the box tells its devices: itself, and every approved device with a label
-    (``docs/addressing.md``). Services join them with the services' forwarding."""
+def box_records(box: Box, device: Device) -> dict[str, list[str]]:
+    """The names the box tells ``device`` (``docs/addressing.md``): the box itself, every
+    approved device with a label, and the services ``device`` may reach — a service it may not
+    reach is not even named to it."""
+    from django.db.models import Q
+
+    from lazycat.services.models import Service
+
     box_address = addressing.box_address(addressing.box_prefix(box.key))
     records = {names.box_fqdn(box.name): [str(box_address)]}
     approved = Device.objects.filter(status=DeviceStatus.APPROVED, overlay_address__isnull=False)
     for label, address in approved.exclude(label=None).values_list("label", "overlay_address"):
         records[names.host_fqdn(str(label), box.name)] = [str(ipaddress.IPv6Address(address))]
+    reachable = Service.objects.filter(Q(access_all=True) | Q(allowed_devices=device)).distinct()
+    for name, address in reachable.values_list("name", "overlay_address"):
+        records[names.host_fqdn(name, box.name)] = [str(ipaddress.IPv6Address(address))]
     return records
 
 
@@ -146,7 +154,7 @@ def device_config(device: Device) -> dict[str, object]:
         raise DecisionError("only an approved device of a set-up box gets a configuration")
     return negotiation.config_message(
         negotiation.Config(
-            box_records(box), device_ticket(box, device), settings.LAZYCAT_CONTROL_PORT
+            box_records(box, device), device_ticket(box, device), settings.LAZYCAT_CONTROL_PORT
         )
     )
 

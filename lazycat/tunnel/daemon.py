@@ -615,9 +615,14 @@ class Transportd:
             else:
                 self.punch(*punch)
             return
+        if message.get("type") == "service.changed":
+            # its name may be new, renamed, gone or now (not) reachable for some device: every
+            # connected device gets its configuration again (forwarding is a later part)
+            await self._configs_changed()
+            return
         key = parse_device_changed(message)
         if key is None:
-            return  # service.changed: the TUN forwarding of services is a later part
+            return
         row = await sync_to_async(load_device)(key)
         was_waiting = key in self.waiting
         self.apply(key, row)

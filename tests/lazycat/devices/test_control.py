@@ -236,3 +236,33 @@ def test_config_names_the_box_and_devices_and_carries_a_ticket_for_this_device(b
     assert ticket.expires > time.time() + 29 * 86400
     public = keys.load_or_create_ticket_key(settings.LAZYCAT_TICKET_KEY_FILE).public_bytes()
     assert verify_ticket(ticket, public, time.time()) is None
+
+
+def test_config_names_only_the_services_this_device_may_reach(box, owner):
+    from lazycat.services.actions import do_save_service
+    from lazycat.services.forms import ServiceForm
+
+    phone, laptop = approved(box, owner, 1), approved(box, owner, 2)
+
+    def save(name: str, *, allowed: list[Device] | None) -> None:
+        data = {"kind": "dev-app", "name": name, "target": "192.168.1.20", "ports": "tcp 80"}
+        if allowed is not None:
+            data["access_all"] = ""  # unchecked
+            data["allowed_devices"] = [d.pk for d in allowed]
+        else:
+            data["access_all"] = "on"
+        form = ServiceForm(data=data)
+        assert form.is_valid(), form.errors
+        do_save_service(form, owner)
+
+    save("photos", allowed=None)
+    save("devvm", allowed=[laptop])
+
+    def names(device: Device) -> set[str]:
+        config = neg.parse_box_message(actions.device_config(device))
+        assert isinstance(config, neg.Config)
+        return set(config.records)
+
+    assert f"photos.{box.name}.heiyu.space" in names(phone)
+    assert f"devvm.{box.name}.heiyu.space" not in names(phone)  # not even its name
+    assert f"devvm.{box.name}.heiyu.space" in names(laptop)

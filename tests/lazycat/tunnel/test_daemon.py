@@ -332,3 +332,65 @@ async def test_a_relay_that_does_not_answer_over_udp_is_reached_over_tcp(box: An
                 await transportd.close()
     finally:
         await server.stop()
+
+
+async def test_a_new_service_reaches_connected_devices_in_their_config_within_a_second(
+    daemon: Transportd, box: Any, owner: Any, tmp_path: Path
+) -> None:
+    """Pairing hands the device its configuration; a service added later reaches the connected
+    device as a new configuration frame, through the channel layer's service.changed."""
+    import json
+
+    from lazycat.services.actions import do_save_service
+    from lazycat.services.forms import ServiceForm
+    from transport import negotiation
+    from transport.peer import FrameReceived
+
+    code = await make_code(box, owner)
+    key, out, task = await start_pairing(code, tmp_path, "phone")
+    try:
+        device = await pending_device(key, out, task)
+        await sync_to_async(actions.do_approve_device)(device, owner)
+        paired = await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    assert any(name.startswith(box.name) for name in paired.records)  # the config behind it
+    assert paired.tickets and wire.Ticket.decode(paired.tickets[0]).client == wire.peer_id(key)
+
+    keys = ClientConfig(tmp_path / "phone").load_key()
+    loop = asyncio.get_running_loop()
+    driver = PeerDriver(Peer(keys, now=loop.time()), bind=("127.0.0.1", 0), gatherer=None)
+    await driver.start()
+    events = driver.subscribe()
+    try:
+        box_key = daemon.peer.keys.public
+        driver.set_remote_candidates(box_key, loopback(daemon.driver.port))  # type: ignore[union-attr]
+        driver.connect(box_key)
+        await events.wait_for(lambda e: isinstance(e, Connected), 5)
+
+        def config_with(name: str) -> Any:
+            def match(event: Any) -> bool:
+                if not (isinstance(event, FrameReceived) and isinstance(event.frame, wire.Control)):
+                    return False
+                message = negotiation.parse_box_message(json.loads(event.frame.data))
+                return isinstance(message, negotiation.Config) and name in message.records
+
+            return match
+
+        await events.wait_for(config_with(f"{box.name}.heiyu.space"), 5)  # on connecting
+
+        def add_service() -> None:
+            data = {"kind": "dev-app", "name": "photos", "target": "192.168.1.20"}
+            form = ServiceForm(data=data | {"ports": "tcp 80", "access_all": "on"})
+            assert form.is_valid(), form.errors
+            do_save_service(form, owner)
+
+        started = time.monotonic()
+        await sync_to_async(add_service)()
+        await events.wait_for(config_with(f"photos.{box.name}.heiyu.space"), 5)
+        assert time.monotonic() - started < 1.0
+    finally:
+        events.close()
+        await driver.close()
