@@ -34,7 +34,7 @@ from transport.client_cli import UserError, device_facts, run_pair
 from transport.client_config import ClientConfig
 from transport.paths import Candidate, CandidateKind, Direct
 from transport.peer import Connected, Peer
-from transport.peer_aio import PeerDriver
+from transport.peer_aio import PeerDriver, Subscription
 from transport.relay_aio import RelayServer, ServerConfig
 from transport.session import Keys
 
@@ -110,8 +110,10 @@ async def pending_device(key: bytes, out: io.StringIO, task: asyncio.Task[Any]) 
     return device
 
 
-async def ik_connects(daemon: Transportd, keys: Keys, timeout: float) -> bool:
-    """Whether a device with ``keys`` completes an IK handshake with the box (directly)."""
+@contextlib.asynccontextmanager
+async def device_dialing(daemon: Transportd, keys: Keys) -> AsyncIterator[Subscription]:
+    """A device with ``keys`` opening an IK session to the box (directly, on loopback); yields
+    its events."""
     loop = asyncio.get_running_loop()
     driver = PeerDriver(Peer(keys, now=loop.time()), bind=("127.0.0.1", 0), gatherer=None)
     await driver.start()
@@ -120,13 +122,19 @@ async def ik_connects(daemon: Transportd, keys: Keys, timeout: float) -> bool:
         box_key = daemon.peer.keys.public
         driver.set_remote_candidates(box_key, loopback(daemon.driver.port))  # type: ignore[union-attr]
         driver.connect(box_key)
+        yield events
+    finally:
+        events.close()
+        await driver.close()
+
+
+async def ik_connects(daemon: Transportd, keys: Keys, timeout: float) -> bool:
+    """Whether a device with ``keys`` completes an IK handshake with the box (directly)."""
+    async with device_dialing(daemon, keys) as events:
         with contextlib.suppress(TimeoutError):
             await events.wait_for(lambda e: isinstance(e, Connected), timeout)
             return True
         return False
-    finally:
-        events.close()
-        await driver.close()
 
 
 async def test_pairing_approval_reaches_the_client_within_a_second_and_revoke_cuts_it(
@@ -360,14 +368,7 @@ async def test_a_new_service_reaches_connected_devices_in_their_config_within_a_
     assert paired.tickets and wire.Ticket.decode(paired.tickets[0]).client == wire.peer_id(key)
 
     keys = ClientConfig(tmp_path / "phone").load_key()
-    loop = asyncio.get_running_loop()
-    driver = PeerDriver(Peer(keys, now=loop.time()), bind=("127.0.0.1", 0), gatherer=None)
-    await driver.start()
-    events = driver.subscribe()
-    try:
-        box_key = daemon.peer.keys.public
-        driver.set_remote_candidates(box_key, loopback(daemon.driver.port))  # type: ignore[union-attr]
-        driver.connect(box_key)
+    async with device_dialing(daemon, keys) as events:
         await events.wait_for(lambda e: isinstance(e, Connected), 5)
 
         def config_with(name: str) -> Any:
@@ -391,6 +392,3 @@ async def test_a_new_service_reaches_connected_devices_in_their_config_within_a_
         await sync_to_async(add_service)()
         await events.wait_for(config_with(f"photos.{box.name}.heiyu.space"), 5)
         assert time.monotonic() - started < 1.0
-    finally:
-        events.close()
-        await driver.close()
