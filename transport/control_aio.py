@@ -245,7 +245,3 @@ class DeviceControl:
                 message.attempt,
                 len(message.candidates),
             )
-        elif isinstance(message, neg.Config):
-            self._config_seen = True
-            if self.on_config is not None:
-                self.on_config(message)

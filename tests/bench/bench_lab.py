@@ -207,6 +207,14 @@ class Bench:
         client.up_proc = None
 
 
+def box_overlay(box: LabBox) -> str:
+    """The box's overlay address (from its key, as every device derives it)."""
+    return box.django(
+        "from lazycat.core.models import Box\nfrom transport import addressing\n"
+        "b = Box.get()\nprint(addressing.box_address(addressing.box_prefix(b.key)))\n"
+    ).split()[-1]
+
+
 def part_up(bench: Bench, client: LabClient, runs: int, want: str) -> tuple[list[float], ...]:
     """``runs`` times: up, the first relay line and the first ``want`` line, down."""
     to_relay, to_direct = [], []
@@ -228,10 +236,7 @@ def part_up(bench: Bench, client: LabClient, runs: int, want: str) -> tuple[list
 def part_failover(
     bench: Bench, box: LabBox, client: LabClient, place: Any, box_ip: str, cycles: int
 ) -> dict[str, Any]:
-    overlay = box.django(
-        "from lazycat.core.models import Box\nfrom transport import addressing\n"
-        "b = Box.get()\nprint(addressing.box_address(addressing.box_prefix(b.key)))\n"
-    ).split()[-1]
+    overlay = box_overlay(box)
     client.up()
     wait_for("direct path", lambda: path_line(client, ("direct-v4",)), 15)
     receiver_log = bench.work / "receiver.log"
@@ -288,10 +293,7 @@ def part_throughput(bench: Bench, repeats: int, seconds: float) -> dict[str, lis
     client, site = bench.device(box, "tphone", "NAT3")
     box_ip = box.host.ip  # a public address: the site does not translate
     assert box_ip is not None
-    overlay = box.django(
-        "from lazycat.core.models import Box\nfrom transport import addressing\n"
-        "b = Box.get()\nprint(addressing.box_address(addressing.box_prefix(b.key)))\n"
-    ).split()[-1]
+    overlay = box_overlay(box)
     figures: dict[str, list[float]] = {"plain": [], "wireguard-go": [], "direct": [], "relay": []}
     client.up()
     wait_for("direct path", lambda: path_line(client, ("direct-v4",)), 15)
