@@ -9,7 +9,7 @@ from django import forms
 
 from lazycat.core.models import Box
 from lazycat.devices.models import Device, DeviceStatus
-from lazycat.services.models import Service
+from lazycat.services.models import Service, ServiceKind
 from transport import names
 from transport.addressing import OVERLAY
 from transport.ports import PortPolicy, PortPolicyError
@@ -18,7 +18,11 @@ from transport.ports import PortPolicy, PortPolicyError
 class ServiceForm(forms.ModelForm):
     ports = forms.CharField(
         initial="all",
-        help_text="e.g. 'tcp 22, 80, 8000-8100; udp 53', or 'all' for every TCP and UDP port.",
+        required=False,  # a VM left empty means all ports (clean); other kinds must say
+        help_text=(
+            "e.g. 'tcp 22, 80, 8000-8100; udp 53', or 'all' for every TCP and UDP port. "
+            "A developer VM left empty gets all ports."
+        ),
     )
     exclude_ports = forms.CharField(
         required=False, help_text="Ports to leave out of the above, same syntax: 'tcp 8050'."
@@ -44,6 +48,13 @@ class ServiceForm(forms.ModelForm):
         labels = {
             "access_all": "All approved devices may reach it",
             "target": "Target address",
+        }
+        help_texts = {
+            "kind": (
+                "Store app or developer app: a program on the box or its LAN, usually a few "
+                "ports. Developer VM: a whole machine, exposed on all ports unless you say "
+                "otherwise."
+            ),
         }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -91,6 +102,14 @@ class ServiceForm(forms.ModelForm):
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         ports, exclude = data.get("ports"), data.get("exclude_ports") or ""
+        if ports is not None and not ports.strip():
+            if data.get("kind") == ServiceKind.VM:
+                ports = "all"  # a developer VM is exposed whole unless the owner narrows it
+            else:
+                self.add_error(
+                    "ports", "List the ports to expose, e.g. 'tcp 80, 443', or write 'all'."
+                )
+                ports = None
         if ports is not None:
             # Parsed twice so each message lands under the field that has the problem.
             try:

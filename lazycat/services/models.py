@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from django.db import models
+from django.utils import timezone
 
 from lazycat.devices.models import Device
 from transport.ports import PortPolicy
@@ -14,6 +16,20 @@ class ServiceKind(models.TextChoices):
     STORE_APP = "store-app", "Store app"
     DEV_APP = "dev-app", "Developer app"
     VM = "vm", "Developer VM"
+
+
+class CheckState(models.TextChoices):
+    """The last reachability check (lazycat.services.reachability); "" until the first one."""
+
+    NEVER = "", "not checked"
+    CHECKING = "checking", "checking…"
+    OK = "ok", "reachable"
+    PROBLEM = "problem", "problem"
+    UNCONFIRMED = "unconfirmed", "unconfirmed"
+
+
+# A check that has not reported after this long is shown as stuck (is the Celery worker up?).
+CHECK_STUCK_AFTER = timedelta(seconds=60)
 
 
 class Service(models.Model):
@@ -35,11 +51,39 @@ class Service(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # The last reachability check: kept on the row so the list page stays one query. Written
+    # with queryset updates (lazycat.services.actions), never through save(), so a check does
+    # not count as an edit (updated_at) and cannot overwrite a concurrent edit.
+    check_state = models.CharField(
+        max_length=16, choices=CheckState.choices, default=CheckState.NEVER, blank=True
+    )
+    check_summary = models.CharField(max_length=500, blank=True)
+    check_details = models.JSONField(default=dict, blank=True)
+    check_started_at = models.DateTimeField(null=True, blank=True)
+    checked_at = models.DateTimeField(null=True, blank=True)
+
+    # Device names using it right now, set by lazycat.services.live.annotate_usage for display.
+    in_use_by: tuple[str, ...] = ()
+
     class Meta:
         ordering = ["name"]
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def check_stuck(self) -> bool:
+        """Still "checking" long after it started: the result will not come on its own."""
+        return (
+            self.check_state == CheckState.CHECKING
+            and self.check_started_at is not None
+            and timezone.now() - self.check_started_at > CHECK_STUCK_AFTER
+        )
+
+    @property
+    def check_subject(self) -> str:
+        """What should be running at the target, for the check's advice."""
+        return "the VM" if self.kind == ServiceKind.VM else "the app"
 
     @property
     def policy(self) -> PortPolicy:

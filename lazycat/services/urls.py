@@ -8,4 +8,5 @@ urlpatterns = [
     path("add/", views.service_edit, name="add"),
     path("<int:pk>/", views.service_edit, name="edit"),
     path("<int:pk>/delete/", views.service_delete, name="delete"),
+    path("<int:pk>/check/", views.service_check, name="check"),
 ]

@@ -214,3 +214,22 @@ def test_only_approved_devices_can_be_chosen(box, owner):
     assert found["allowed_devices"][0] == (
         f"Select a valid choice. {waiting.pk} is not one of the available choices."
     )
+
+
+def test_a_vm_left_without_ports_gets_all_ports(box):
+    f = form(kind="vm", ports="")
+    assert f.is_valid(), f.errors
+    assert f.cleaned_data["ports"] == "all"
+
+
+def test_a_vm_without_ports_still_honours_exclusions(box, owner):
+    service = do_save_service(form(kind="vm", ports="", exclude_ports="tcp 22"), owner)
+    assert (service.ports, service.exclude_ports) == ("all", "tcp 22")
+    assert service.policy.allows("tcp", 23) and not service.policy.allows("tcp", 22)
+    assert service.policy.allows("udp", 22)
+
+
+def test_an_app_must_list_its_ports(box):
+    assert errors(kind="dev-app", ports="  ") == {
+        "ports": ["List the ports to expose, e.g. 'tcp 80, 443', or write 'all'."]
+    }

@@ -67,7 +67,7 @@ def test_add_then_list_shows_name_and_overlay_address(owner_client, box):
 
     response = owner_client.get(reverse("services:list"))
     html = response.content.decode()
-    row = re.search(rf'<tr id="service-{service.pk}">.*?</tr>', html, re.S)
+    row = re.search(rf'<tr id="service-{service.pk}"[^>]*>.*?</tr>', html, re.S)
     assert row is not None
     assert "nas.home.heiyu.space" in row.group(0)
     assert f"<code>{address}</code>" in row.group(0)
