@@ -11,7 +11,9 @@ runtime=(iproute2 nftables)
 # miniupnpd-nftables: a real UPnP IGD / NAT-PMP / PCP router for the port-mapping tests;
 # iperf3, wireguard-go, wireguard-tools: the lab's throughput benchmark, beside userspace WireGuard
 # (with recommends, wireguard-tools would pull in a kernel image: hence --no-install-recommends)
-test=(chromium coturn stun-server miniupnpd-nftables iperf3 wireguard-go wireguard-tools)
+# openssh-server, curl: the lab's developer VM runs sshd (started by the test, in a namespace);
+# curl reaches services by name, directly and through the client's proxy mode
+test=(chromium coturn stun-server miniupnpd-nftables iperf3 wireguard-go wireguard-tools openssh-server curl)
 
 case "${1:-runtime}" in
   runtime) wanted=("${runtime[@]}") ;;

@@ -340,6 +340,12 @@ if LAZYCAT_RELAY_FALLBACK not in {"tcp", "tls", "ws", "wss", "off"}:
     )
 # Open the TUN interface lzc0 (needs CAP_NET_ADMIN); without it pairing and paths still work.
 LAZYCAT_TUNNEL_TUN = _env_bool("LAZYCAT_TUNNEL_TUN", True)
+# Forward devices' packets to the services the console exposes (nftables + a userspace
+# forwarder for targets without IPv6: docs/forwarding.md). Needs the TUN and CAP_NET_ADMIN.
+LAZYCAT_FORWARDING = _env_bool("LAZYCAT_FORWARDING", True)
+# The forwarder's transparent-proxy port (nftables TPROXY sends service traffic for targets
+# without IPv6 here; it answers nothing else).
+LAZYCAT_FORWARDER_PORT = _env_int("LAZYCAT_FORWARDER_PORT", 7481, 1, 65535)
 # The box's static X25519 key pair; the private half never leaves this file.
 LAZYCAT_BOX_KEY_FILE = DATA_DIR / "box.key"
 # The box's Ed25519 key for the relay tickets it signs (pairing codes carry a pairing ticket).

@@ -49,6 +49,7 @@ from django.conf import settings
 
 from lazycat.core import keys as box_keys
 from lazycat.core.live import TRANSPORTD_GROUP
+from lazycat.tunnel.services import ServiceExposure
 from transport import addressing, negotiation, wire
 from transport.bundle import Relay
 from transport.paths import Candidate, CandidateKind, Direct, ViaRelay
@@ -319,6 +320,7 @@ class Transportd:
         portmap: bool = False,
         relay_fallback: str = "tcp",
         fallback_after: float = FALLBACK_AFTER,
+        forwarding: bool = False,
     ) -> None:
         self.listen = listen
         self.want_portmap = portmap
@@ -339,6 +341,8 @@ class Transportd:
         self.stats: dict[str, int] = {"spoofed": 0, "no_route": 0, "layer_errors": 0}
         self.driver: PeerDriver | None = None
         self.tun: Tun | None = None
+        self.want_forwarding = forwarding
+        self.services: ServiceExposure | None = None
         self.layer_up = asyncio.Event()  # joined the group and resynchronised
         self._tasks: list[asyncio.Task[None]] = []
         self._channel: str | None = None
@@ -353,6 +357,7 @@ class Transportd:
             "tun": settings.LAZYCAT_TUNNEL_TUN,
             "portmap": settings.LAZYCAT_PORTMAP,
             "relay_fallback": settings.LAZYCAT_RELAY_FALLBACK,
+            "forwarding": settings.LAZYCAT_FORWARDING,
         }
         options.update(overrides)
         return cls(**options)
@@ -392,6 +397,8 @@ class Transportd:
                 log.warning("relay skipped", extra={"relay": relay.name, "error": str(exc)})
         if self.want_tun:
             await self._open_tun(public)
+        if self.tun is not None and self.want_forwarding:
+            await self._start_services()
         if self.want_portmap:
             await self._start_portmap()
         await self._publish_candidates()
@@ -430,6 +437,9 @@ class Transportd:
             self.portmapper = None
         if self.driver is not None:
             await self.driver.close()
+        if self.services is not None:
+            await self.services.close()
+            self.services = None
         if self.tun is not None:
             self.tun.close()
             self.tun = None
@@ -457,6 +467,27 @@ class Transportd:
             return
         tun.start(self._from_tun)
         self.tun = tun
+
+    async def _start_services(self) -> None:
+        """Forwarding to the box's services (docs/forwarding.md); without it the tunnel still
+        works, the services are just not reachable, and the log says why."""
+        from transport.exposure import ExposureError
+        from transport.exposure_linux import KernelExposure
+
+        services = ServiceExposure(
+            KernelExposure(tun=TUN_NAME, tproxy_port=settings.LAZYCAT_FORWARDER_PORT)
+        )
+        try:
+            await services.start()
+        except (ExposureError, OSError) as exc:
+            log.warning("services are not forwarded", extra={"reason": str(exc)})
+            await services.close()
+            return
+        self.services = services
+
+    async def _refresh_services(self, why: str) -> None:
+        if self.services is not None:
+            await self.services.refresh(why)
 
     # --- candidates and the router's port mapping ------------------------------------------------
 
@@ -617,7 +648,8 @@ class Transportd:
             return
         if message.get("type") == "service.changed":
             # its name may be new, renamed, gone or now (not) reachable for some device: every
-            # connected device gets its configuration again (forwarding is a later part)
+            # connected device gets its configuration again, and forwarding follows
+            await self._refresh_services("service.changed")
             await self._configs_changed()
             return
         key = parse_device_changed(message)
@@ -628,6 +660,7 @@ class Transportd:
         self.apply(key, row)
         if was_waiting and key in self.allowed:
             await self.send_config(key, wire.Pattern.XK)  # right behind the approval
+        await self._refresh_services("device.changed")
         await self._configs_changed()
 
     async def resync(self, why: str) -> None:
@@ -640,6 +673,7 @@ class Transportd:
             self._report_held(key)
         for key in added & self.waiting:
             self._answer(key, wire.PairStateFrame(wire.PairState.APPROVED, approved[key]))
+        await self._refresh_services(why)
         log.info(
             "allow-list synchronised",
             extra={

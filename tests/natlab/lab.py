@@ -43,7 +43,9 @@ from typing import Any, Literal
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 UDPPROBE = HERE / "udpprobe.py"
+SVCPROBE = HERE / "svcprobe.py"  # the services lab's VM and its client probes
 PYTHON = sys.executable
+NETNS_ETC = Path("/etc/netns")  # per-namespace /etc files for `ip netns exec` (ip-netns(8))
 
 NatKind = Literal[
     "none", "firewall", "NAT1", "NAT2", "NAT3", "NAT4", "CGNAT", "udp-blocked", "ipv6"
@@ -223,6 +225,15 @@ class Host(Node):
         """A host on an IPv4-only network (``ipv6=False``) still has an IPv6 *stack*, as real
         hosts do: the tunnel's overlay addresses need it. (``ipv6=False`` turns it off.)"""
         self.sysctl(net__ipv6__conf__all__disable_ipv6=0, net__ipv6__conf__default__disable_ipv6=0)
+
+    def use_resolver(self, address: str) -> None:
+        """Make ``address`` this namespace's DNS server: ``ip netns exec`` mounts
+        ``/etc/netns/<ns>/resolv.conf`` over ``/etc/resolv.conf`` (the lab removes it)."""
+        if not Path("/etc/resolv.conf").exists():
+            raise LabError("/etc/resolv.conf is missing: ip netns exec has nothing to mount over")
+        directory = NETNS_ETC / self.ns
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(f"nameserver {address}\n")
 
     def addr(self, port: int, family: int = 4) -> str:
         ip = self.ip if family == 4 else self.ip6
@@ -1002,6 +1013,7 @@ class Lab:
                         pipe.close()
         self.procs.clear()
         for ns in reversed(self.namespaces):
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)  # Host.use_resolver's file
             _run(["ip", "netns", "del", ns], check=False)
         left = set(_run(["ip", "netns", "list"], check=False).stdout.split())
         survivors = [ns for ns in self.namespaces if ns in left]

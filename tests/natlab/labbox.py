@@ -309,6 +309,53 @@ class LabBox:
         )
         return IPv6Address(out.strip().splitlines()[-1])
 
+    def expose(
+        self,
+        name: str,
+        kind: str,
+        target: str,
+        ports: str,
+        allowed: list[IPv6Address] | None = None,
+    ) -> tuple[float, IPv6Address]:
+        """Create or change service ``name`` as the console's edit page does (``ServiceForm``
+        and ``do_save_service``): everyone may reach it, or only the devices with the overlay
+        addresses ``allowed``. Returns the wall-clock time the change was committed (and
+        announced to transportd) and the service's overlay address."""
+        spec = {
+            "name": name,
+            "kind": kind,
+            "target": target,
+            "ports": ports,
+            "allowed": None if allowed is None else [str(a) for a in allowed],
+        }
+        out = self.django(
+            """
+            import json, time
+            from django.contrib.auth import get_user_model
+            from lazycat.devices.models import Device
+            from lazycat.services.actions import do_save_service
+            from lazycat.services.forms import ServiceForm
+            from lazycat.services.models import Service
+            spec = json.loads(sys.argv[1])
+            data = {k: spec[k] for k in ("name", "kind", "target", "ports")}
+            data["exclude_ports"] = ""
+            if spec["allowed"] is None:
+                data["access_all"] = "on"
+            else:
+                chosen = Device.objects.filter(overlay_address__in=spec["allowed"])
+                data["allowed_devices"] = [str(d.pk) for d in chosen]
+            form = ServiceForm(data, instance=Service.objects.filter(name=spec["name"]).first())
+            if not form.is_valid():
+                sys.exit(f"form errors: {form.errors.as_json()}")
+            service = do_save_service(form, get_user_model().objects.get(username=sys.argv[2]))
+            print(time.time(), service.overlay_address)
+            """,
+            json.dumps(spec),
+            OWNER,
+        )
+        committed, address = out.strip().splitlines()[-1].split()
+        return float(committed), IPv6Address(address)
+
     def device(self, key_or_none: bytes | IPv6Address | str | None = None) -> dict[str, Any]:
         """One device's row as the console sees it: ``status``, ``path`` (a PathKind value),
         ``path_cause``, ``endpoint``, ``relay``, ``rtt_ms``, ``rx_bytes``, ``tx_bytes``,
@@ -396,6 +443,18 @@ class LabClient:
         """``up --mode MODE`` in the foreground (the lab kills it); waits for it to dial."""
         self.up_proc = self._start("up", "--mode", mode)
         _wait_log(self.log("up"), "connecting to", timeout, self.up_proc, "lazycat-client up")
+
+    def stop_up(self, timeout: float = 10) -> None:
+        """SIGTERM ``up`` (by PID) and wait for it to end, as Ctrl-C would; SIGKILL if it
+        does not within ``timeout``."""
+        proc, self.up_proc = self.up_proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
 
     def state(self) -> dict[str, Any]:
         """``up``'s state.json as it is now (what ``status`` reports; rewritten every second),

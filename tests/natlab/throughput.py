@@ -128,14 +128,18 @@ def tcp_stream(
     seconds: float = 3.0,
     port: int = IPERF_PORT,
     connect_timeout: float = 5.0,
+    server_family: int | None = None,
 ) -> Stream:
     """One TCP stream of ``seconds`` from ``sender`` to ``address`` (which reaches
     ``receiver``), measured by iperf3. Takes at most about ``seconds + connect_timeout + 30``
     seconds; raises :class:`ThroughputError` (with both sides' output) on any failure."""
     family = _family(address)
+    # the server's family differs when something between translates (a service's forwarder
+    # carries the overlay's IPv6 to an IPv4-only host)
+    listen = f"-{server_family}" if server_family else family
     with tempfile.TemporaryFile("w+") as log:
         server = receiver.popen(
-            ["iperf3", "-s", "-1", family, "-p", str(port)],
+            ["iperf3", "-s", "-1", listen, "-p", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -183,11 +187,20 @@ def tcp_stream(
 
 
 def tcp_throughput(
-    sender: Host, receiver: Host, address: str, *, seconds: float = 3.0, port: int = IPERF_PORT
+    sender: Host,
+    receiver: Host,
+    address: str,
+    *,
+    seconds: float = 3.0,
+    port: int = IPERF_PORT,
+    server_family: int | None = None,
 ) -> float:
     """Mbit/s of one TCP stream from ``sender`` to ``receiver`` at ``address`` (see
     :func:`tcp_stream`)."""
-    return tcp_stream(sender, receiver, address, seconds=seconds, port=port).mbit_s
+    stream = tcp_stream(
+        sender, receiver, address, seconds=seconds, port=port, server_family=server_family
+    )
+    return stream.mbit_s
 
 
 # --- wireguard-go -------------------------------------------------------------------------------
