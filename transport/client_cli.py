@@ -5,9 +5,13 @@
     lazycat-client pair '<code>'          first contact: XK handshake with the code's secret
     lazycat-client up --mode tun          IK session, TUN lzc0 + fc03:1136:3800::/40, DNS at
                                           fc03:1136:3800::1 (root / CAP_NET_ADMIN)
+    lazycat-client up --mode proxy        IK session, HTTP proxy on 127.0.0.1:31085 for
+                                          *.heiyu.space; the TUN lives in a private network
+                                          namespace: the host's routes and DNS stay as they are
+                                          (root / CAP_SYS_ADMIN + CAP_NET_ADMIN)
     lazycat-client status [--json]        path, endpoint, RTT, bytes, NAT type of the running `up`
     lazycat-client netcheck [--json]      NAT type and relay latencies (the box's relays)
-    lazycat-client down                   stop `up`; the TUN and its route go with it
+    lazycat-client down                   stop `up`; the TUN (and its namespace) go with it
 
 Pairing (ARCHITECTURE.md, "Pairing"): the code is a ``lazycat://pair?...`` bundle
 (``transport.bundle``). The client makes (once) its device key, registers at the code's relays
@@ -37,11 +41,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from ipaddress import IPv6Address
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from transport import negotiation, wire
 from transport.addressing import CLIENT_LOCAL, OVERLAY, RESOLVER, box_address, box_prefix
@@ -60,16 +65,16 @@ from transport.peer import (
 )
 from transport.peer_aio import Gatherer, PeerDriver, gather
 
+if TYPE_CHECKING:
+    from transport.tun import Tun
+
 __all__ = ["UserError", "device_facts", "main", "run_pair", "run_up"]
 
 log = logging.getLogger("lazycat.client")
 
 ZONE = "heiyu.space"
 CONFIG_WAIT = 3.0  # seconds `pair` waits for the box's configuration after the approval
-PROXY_LATER = (
-    "--mode proxy (an HTTP proxy on 127.0.0.1:31085 for *.heiyu.space) is not in this "
-    "version yet: use --mode tun"
-)
+PROXY_HOST, PROXY_PORT = "127.0.0.1", 31085  # proxy mode's default listen address
 
 
 class UserError(Exception):
@@ -304,16 +309,16 @@ async def run_pair(
 
 
 class _Status:
-    """What ``up`` knows for ``status``; written to state.json every second."""
+    """What ``up`` knows for ``status``; written to state.json every second. ``local`` holds
+    what the mode set up on this machine (``tun`` and ``resolver``, or ``proxy``)."""
 
-    def __init__(self, paired: Paired, tun: str, started: float) -> None:
+    def __init__(self, paired: Paired, mode: str, local: dict[str, Any], started: float) -> None:
         self.state: dict[str, Any] = {
             "pid": os.getpid(),
-            "mode": "tun",
+            "mode": mode,
             "box": paired.box,
             "address": str(paired.address),
-            "tun": tun,
-            "resolver": str(RESOLVER),
+            **local,
             "started_at": int(started),
             "connected": False,
             "path": "offline",
@@ -363,17 +368,108 @@ def _is_tunnel_packet(packet: bytes) -> bool:
     return destination in OVERLAY and destination not in CLIENT_LOCAL
 
 
+Dialer = Callable[[IPv6Address, int], Awaitable[socket.socket]]
+
+
+@dataclass
+class _Local:
+    """What a mode puts on this machine around the tunnel (its clean-up is on the exit stack):
+    the TUN that carries the overlay's packets, how names are answered (``set_records``),
+    how the control socket reaches the box (``dialer``; None: through the host's routes),
+    what ``status`` shows, and the line ``up`` prints."""
+
+    tun: Tun
+    set_records: Callable[[Mapping[str, list[IPv6Address]]], None]
+    dialer: Dialer | None
+    state: dict[str, Any]
+    banner: str
+
+
+async def _tun_mode(stack: contextlib.AsyncExitStack, paired: Paired, tun_name: str) -> _Local:
+    """TUN ("global") mode: ``lzc0`` on the host with the overlay route, DNS on RESOLVER."""
+    from transport import dns
+    from transport.tun import Tun, TunError
+
+    loop = asyncio.get_running_loop()
+    try:
+        tun = Tun.open(tun_name)
+    except TunError as exc:
+        raise UserError(str(exc.strerror or exc)) from None
+    stack.callback(tun.close)
+    try:
+        await loop.run_in_executor(None, lambda: tun.configure([paired.address, RESOLVER]))
+    except TunError as exc:
+        raise UserError(_tun_problem(exc)) from None
+    responder = dns.Responder(paired.records)
+    resolver = await dns.serve(responder)
+    stack.callback(resolver.close)
+    banner = (
+        f"up: {tun.name} {paired.address}, route {OVERLAY}, DNS {RESOLVER} "
+        f"(*.{paired.box}.{ZONE}); connecting to {paired.box}…"
+    )
+    state = {"tun": tun.name, "resolver": str(RESOLVER)}
+    return _Local(tun, responder.set_records, None, state, banner)
+
+
+async def _proxy_mode(
+    stack: contextlib.AsyncExitStack,
+    paired: Paired,
+    tun_name: str,
+    listen: tuple[str, int],
+) -> _Local:
+    """Proxy ("client") mode: the TUN, our address and the overlay route in a private network
+    namespace (``transport/netns.py``), and an HTTP proxy on ``listen`` whose upstream
+    sockets are made there. Nothing on the host's routes, interfaces or DNS changes."""
+    from transport.netns import NetnsError, PrivateNetns
+    from transport.proxy_aio import Names, Proxy
+    from transport.tun import TunError
+
+    loop = asyncio.get_running_loop()
+    try:
+        netns = await loop.run_in_executor(None, PrivateNetns.create)
+    except NetnsError as exc:
+        raise UserError(str(exc.strerror or exc)) from None
+    stack.callback(netns.close)
+    try:
+        tun = await loop.run_in_executor(None, lambda: netns.open_tun(tun_name, [paired.address]))
+    except TunError as exc:  # the namespace's own IPv6 is on: _tun_problem's advice is moot
+        raise UserError(str(exc.strerror or exc)) from None
+    stack.callback(tun.close)
+    names = Names(paired.records, box=paired.box)
+    proxy = Proxy(names, netns.dial)
+    try:
+        where = await proxy.start(*listen)
+    except OSError as exc:
+        raise UserError(
+            f"the proxy cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc} "
+            "(another program has that port? choose one with --proxy-listen)"
+        ) from None
+    stack.push_async_callback(proxy.close)
+    banner = (
+        f"up: HTTP proxy on {where} for *.{paired.box}.{ZONE} (this host's routes and DNS "
+        f"are untouched); use it with: curl --proxy http://{where} "
+        f"http://<name>.{paired.box}.{ZONE}/ ; connecting to {paired.box}…"
+    )
+    state = {"tun": tun.name, "netns": "private", "proxy": where}
+    return _Local(tun, names.set_records, netns.dial, state, banner)
+
+
 async def run_up(
     config: ClientConfig,
     *,
+    mode: str = "tun",
     tun_name: str = "lzc0",
+    proxy_listen: tuple[str, int] = (PROXY_HOST, PROXY_PORT),
     relay_transport: str = "udp",
     stop: asyncio.Event | None = None,
     gatherer: Gatherer | None = gather,
 ) -> None:
-    """Bring the tunnel up and keep it until ``stop`` is set (SIGINT / SIGTERM in the CLI)."""
-    from transport import dns, netcheck_aio
-    from transport.tun import Tun, TunError
+    """Bring the tunnel up and keep it until ``stop`` is set (SIGINT / SIGTERM in the CLI).
+
+    Both modes share everything but what :func:`_tun_mode` / :func:`_proxy_mode` put on this
+    machine: the driver and its relays, the control socket, the box's configuration (names
+    reach the DNS responder or the proxy live), state.json and up.pid."""
+    from transport import netcheck_aio
 
     paired = config.load_box()
     if paired is None:
@@ -386,24 +482,15 @@ async def run_up(
     loop = asyncio.get_running_loop()
     started = loop.time()  # what the path lines count from
     stop = stop or asyncio.Event()
-    try:
-        tun = Tun.open(tun_name)
-    except TunError as exc:
-        raise UserError(str(exc.strerror or exc)) from None
-    try:
-        await loop.run_in_executor(None, lambda: tun.configure([paired.address, RESOLVER]))
-    except TunError as exc:
-        tun.close()
-        raise UserError(_tun_problem(exc)) from None
-    status = _Status(paired, tun.name, time.time())
-    resolver: asyncio.DatagramTransport | None = None
-    responder: dns.Responder | None = None
-    driver: PeerDriver | None = None
-    control: DeviceControl | None = None
-    tasks: list[asyncio.Task[Any]] = []
-    try:
-        responder = dns.Responder(paired.records)
-        resolver = await dns.serve(responder)
+    async with contextlib.AsyncExitStack() as stack:
+        if mode == "proxy":
+            local = await _proxy_mode(stack, paired, tun_name, proxy_listen)
+        else:
+            local = await _tun_mode(stack, paired, tun_name)
+        tun = local.tun
+        stack.callback(config.remove, config.pid_file)
+        stack.callback(config.remove, config.state_file)
+        status = _Status(paired, mode, local.state, time.time())
         driver = await _start_driver(
             Peer(keys, now=loop.time()),
             paired.relays,
@@ -412,6 +499,7 @@ async def run_up(
             gatherer=gatherer,
             on_packet=lambda event: tun.write(event.packet),
         )
+        stack.push_async_callback(driver.close)
         driver.callbacks.append(status.on_event)
 
         def show_path(event: PeerEvent) -> None:
@@ -433,10 +521,9 @@ async def run_up(
         known_tickets = set(paired.tickets)
 
         def on_config(box_config: negotiation.Config) -> None:
-            assert driver is not None and responder is not None
             if not apply_config(paired, box_config):
                 return
-            responder.set_records(paired.records)
+            local.set_records(paired.records)
             for ticket in paired.tickets:
                 if ticket not in known_tickets:
                     known_tickets.add(ticket)
@@ -451,8 +538,10 @@ async def run_up(
             box_address(box_prefix(box_key)),
             version=client_version(),
             on_config=on_config,
+            dialer=local.dialer,
         )
         control.start()
+        stack.push_async_callback(control.close)
         send = driver.send_packet
 
         def from_tun(packet: bytes) -> None:
@@ -469,11 +558,9 @@ async def run_up(
             with contextlib.suppress(Exception):
                 report = await netcheck_aio.run_netcheck(servers, relays)
                 status.state["nat_type"] = str(report.nat_type)
-                if control is not None:
-                    control.report_netcheck(report.to_json())
+                control.report_netcheck(report.to_json())
 
         async def write_state() -> None:
-            assert driver is not None
             while True:
                 status.state.update(
                     updated_at=time.time(),
@@ -482,33 +569,22 @@ async def run_up(
                     rx_packets=driver.stats["rx_packets"],
                     tx_packets=driver.stats["tx_packets"],
                     local=f"{driver.local_address[0]}:{driver.port}",
-                    control="open" if control is not None and control.socket_open else "closed",
-                    punches=control.stats["punches"] if control is not None else 0,
+                    control="open" if control.socket_open else "closed",
+                    punches=control.stats["punches"],
                 )
                 config.save_state(status.state)
                 await asyncio.sleep(1.0)
 
-        tasks = [loop.create_task(nat_check()), loop.create_task(write_state())]
-        print(
-            f"up: {tun.name} {paired.address}, route {OVERLAY}, DNS {RESOLVER} "
-            f"(*.{paired.box}.{ZONE}); connecting to {paired.box}…",
-            flush=True,
-        )
+        for job in (nat_check(), write_state()):
+            stack.push_async_callback(_cancel, loop.create_task(job))
+        print(local.banner, flush=True)
         await stop.wait()
-    finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if control is not None:
-            await control.close()
-        if driver is not None:
-            await driver.close()
-        if resolver is not None:
-            resolver.close()
-        tun.close()
-        config.remove(config.state_file)
-        config.remove(config.pid_file)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 # --- the commands -----------------------------------------------------------------------------
@@ -541,15 +617,22 @@ def _log_to_stderr(level: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace, config: ClientConfig) -> int:
-    if args.mode == "proxy":
-        raise UserError(PROXY_LATER)
+    from transport.proxy_aio import parse_listen
+
+    try:
+        listen = parse_listen(args.proxy_listen, allow_remote=args.proxy_allow_remote)
+    except ValueError as exc:
+        raise UserError(f"--proxy-listen: {exc}") from None
     if config.load_box() is None:
         raise UserError(
             "not paired yet: run lazycat-client pair '<code>' with a code from the box's console"
         )
     if args.background:
         argv = [sys.executable, "-m", "transport.client_cli", "--config-dir", str(config.path)]
-        argv += ["up", "--mode", "tun", "--tun", args.tun]
+        argv += ["up", "--mode", args.mode, "--tun", args.tun]
+        argv += ["--proxy-listen", args.proxy_listen] + (
+            ["--proxy-allow-remote"] if args.proxy_allow_remote else []
+        )
         argv += ["--relay-transport", args.relay_transport, "--log-level", args.log_level]
         config.ensure()
         fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -574,7 +657,14 @@ def cmd_up(args: argparse.Namespace, config: ClientConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_up(config, tun_name=args.tun, relay_transport=args.relay_transport, stop=stop)
+        await run_up(
+            config,
+            mode=args.mode,
+            tun_name=args.tun,
+            proxy_listen=listen,
+            relay_transport=args.relay_transport,
+            stop=stop,
+        )
 
     _run(foreground())
     return 0
@@ -616,7 +706,15 @@ def cmd_status(args: argparse.Namespace, config: ClientConfig) -> int:
             f", {rtt:.1f} ms" if isinstance(rtt, (int, float)) else ""
         )
     print(f"{paired.box}: {where}")
-    print(f"  this device  {state.get('address')} on {state.get('tun')}, pid {state.get('pid')}")
+    if state.get("mode") == "proxy":
+        proxy = state.get("proxy")
+        print(f"  mode         proxy: http://{proxy} for *.{paired.box}.{ZONE}")
+        print(f"               (curl --proxy http://{proxy} http://{paired.box}.{ZONE}/)")
+        where_tun = f"{state.get('tun')} in a private network namespace"
+    else:
+        print(f"  mode         tun: {state.get('tun')}, DNS {state.get('resolver')}")
+        where_tun = str(state.get("tun"))
+    print(f"  this device  {state.get('address')} on {where_tun}, pid {state.get('pid')}")
     if state.get("path_cause"):
         print(f"  why          {state['path_cause']}")
     print(f"  traffic      {state.get('tx_bytes', 0)} B out, {state.get('rx_bytes', 0)} B in")
@@ -643,6 +741,7 @@ def cmd_netcheck(args: argparse.Namespace, config: ClientConfig) -> int:
 
 def cmd_down(args: argparse.Namespace, config: ClientConfig) -> int:
     pid = config.running_pid()
+    state = (config.load_state() or {}) if pid is not None else {}
     if pid is None:
         config.remove(config.pid_file)
         config.remove(config.state_file)
@@ -663,7 +762,11 @@ def cmd_down(args: argparse.Namespace, config: ClientConfig) -> int:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            print(f"down: stopped (pid {pid}); {args.tun} and its route are gone")
+            if state.get("mode") == "proxy":
+                gone = f"the proxy on {state.get('proxy')} and its private namespace are gone"
+            else:
+                gone = f"{state.get('tun') or args.tun} and its route are gone"
+            print(f"down: stopped (pid {pid}); {gone}")
             return 0
     raise UserError(f"up (pid {pid}) did not stop within 5 s")
 
@@ -680,6 +783,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="bring the tunnel up")
     up.add_argument("--mode", choices=("tun", "proxy"), default="tun")
     up.add_argument("--tun", default="lzc0", help="the TUN interface's name (lzc0)")
+    up.add_argument(
+        "--proxy-listen",
+        default=f"{PROXY_HOST}:{PROXY_PORT}",
+        metavar="HOST:PORT",
+        help=f"proxy mode: where the HTTP proxy listens ({PROXY_HOST}:{PROXY_PORT}; loopback)",
+    )
+    up.add_argument(
+        "--proxy-allow-remote",
+        action="store_true",
+        help="proxy mode: allow a non-loopback --proxy-listen (anyone reaching it uses this "
+        "device's access to the box: there is no password)",
+    )
     up.add_argument("--background", action="store_true", help="detach; log to up.log")
     up.add_argument(
         "--log-level", choices=("debug", "info", "warning"), default="info", help="(info)"

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv6Address
 from typing import Any
 
@@ -47,6 +48,7 @@ class DeviceControl:
         on_config: Callable[[neg.Config], None] | None = None,
         control_port: int = neg.CONTROL_PORT,
         ask_after: float = 3.0,
+        dialer: Callable[[IPv6Address, int], Awaitable[socket.socket]] | None = None,
     ) -> None:
         self.driver = driver
         self.box_key = box_key
@@ -55,6 +57,9 @@ class DeviceControl:
         self.on_config = on_config
         self.control_port = control_port
         self.ask_after = ask_after
+        # proxy mode: the host has no route to the overlay, so the socket is made where the
+        # tunnel's TUN is (``PrivateNetns.dial``); None: an ordinary connect through the TUN
+        self.dialer = dialer
         self.stats = {"configs": 0, "hellos": 0, "punches": 0, "connects": 0, "errors": 0}
         self.last_error = ""
         self.socket_open = False
@@ -158,8 +163,13 @@ class DeviceControl:
             if not self.control_port:
                 return  # the box has no control socket: we stay where the tunnel puts us
             try:
+                sock = None
+                if self.dialer is not None:
+                    async with asyncio.timeout(OPEN_TIMEOUT):
+                        sock = await self.dialer(self.box_address, self.control_port)
                 async with connect(
                     self.url,
+                    sock=sock,
                     open_timeout=OPEN_TIMEOUT,
                     # No keepalive pings: every packet in the tunnel keeps the session "active"
                     # (1 s heartbeats, docs/paths.md) and a ping every 20 s would keep it so

@@ -169,7 +169,13 @@ def test_up_before_pairing_and_proxy_mode(
     assert main(["--config-dir", str(tmp_path), "up", "--mode", "tun"]) == 1
     assert "not paired yet: run lazycat-client pair '<code>'" in capsys.readouterr().err
     assert main(["--config-dir", str(tmp_path), "up", "--mode", "proxy"]) == 1
-    assert "--mode proxy" in capsys.readouterr().err
+    assert "not paired yet" in capsys.readouterr().err
+    # the proxy has no password: listening beyond loopback needs saying so
+    argv = ["--config-dir", str(tmp_path), "up", "--mode", "proxy", "--proxy-listen"]
+    assert main([*argv, "0.0.0.0:31085"]) == 1
+    assert "--proxy-allow-remote" in capsys.readouterr().err
+    assert main([*argv, "nonsense"]) == 1
+    assert "--proxy-listen: 'nonsense' is not HOST:PORT" in capsys.readouterr().err
     assert main(["--config-dir", str(tmp_path), "netcheck"]) == 1
     assert "not paired yet" in capsys.readouterr().err
 
@@ -218,6 +224,29 @@ def test_status_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["--config-dir", str(tmp_path), "status"]) == 0
     text = capsys.readouterr().out
     assert "direct (direct-v4) to 198.51.100.20:41641, 12.5 ms" in text
+
+
+def test_status_in_proxy_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transport.client_config import Paired
+
+    config = ClientConfig(tmp_path)
+    config.save_box(Paired("mybox", bytes(32), IPv6Address("fc03:1136:38ab:cdef:1::5"), []))
+    config.write(config.pid_file, f"{os.getpid()}\n".encode())  # this process stands in for up
+    state = {"pid": os.getpid(), "mode": "proxy", "tun": "lzc0", "netns": "private"}
+    config.save_state({**state, "proxy": "127.0.0.1:31085", "path": "relay", "relay": "r1"})
+    assert main(["--config-dir", str(tmp_path), "status"]) == 0
+    text = capsys.readouterr().out
+    assert "mybox: relayed via r1 (yellow)" in text
+    assert "mode         proxy: http://127.0.0.1:31085 for *.mybox.heiyu.space" in text
+    assert "(curl --proxy http://127.0.0.1:31085 http://mybox.heiyu.space/)" in text
+    assert "on lzc0 in a private network namespace" in text
+    assert main(["--config-dir", str(tmp_path), "status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["mode"], report["proxy"], report["netns"]) == (
+        "proxy",
+        "127.0.0.1:31085",
+        "private",
+    )
 
 
 def test_default_dir_follows_xdg() -> None:
@@ -381,4 +410,199 @@ def test_up_in_a_namespace_tunnels_packets_and_answers_names(tmp_path: Path) -> 
     }
     assert out["state_bytes"] is True
     assert out["tun_after"] == []
+    assert out["files_after"] == ["box.json", "device.key"]
+
+
+# --- up --mode proxy, for real: the client inside a namespace (as the NAT lab runs it) ------------
+
+PROXY_CHILD = r"""
+import asyncio, json, os, shutil, socket, subprocess, sys, threading, time
+from ipaddress import IPv6Address, IPv6Network
+from pathlib import Path
+from websockets.asyncio.server import serve as ws_serve
+from transport import negotiation, wire
+from transport.addressing import box_address, box_prefix, device_address
+from transport.bundle import Relay
+from transport.client_cli import run_up
+from transport.client_config import ClientConfig, Paired
+from transport.peer import Connected, Peer
+from transport.peer_aio import PeerDriver
+from transport.relay_aio import RelayServer, ServerConfig
+from transport.session import Keys
+from transport.tickets import TicketKey
+from transport.tun import Tun
+
+def snapshot():
+    return [subprocess.run(["ip", *a], capture_output=True, check=True).stdout.decode()
+            for a in (["route"], ["-6", "route"], ["addr"], ["link"])]
+
+async def http(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = json.dumps({"line": head.split(b"\r\n")[0].decode()}).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body)
+    await writer.drain(); writer.close()
+
+async def echo(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data); await writer.drain()
+    writer.close()
+
+async def ask(port, request):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    raw = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    return raw
+
+async def main():
+    out = {}
+    loop = asyncio.get_running_loop()
+    relay = RelayServer(ServerConfig(udp=[("127.0.0.1", 0)]))
+    await relay.start()
+    ticket_key, box_keys, device_keys = TicketKey.generate(), Keys.generate(), Keys.generate()
+    box_peer = Peer(box_keys, now=loop.time(), is_allowed={device_keys.public}.__contains__,
+                    ticket_public=ticket_key.public_bytes())
+    me = device_address(box_keys.public, device_keys.public, taken=set())
+    box_ip = box_address(box_prefix(box_keys.public))
+    web_ip = IPv6Address(int(box_ip) + 0x80)
+    # the box's end: its own TUN (in this namespace) carries the tunnel's packets to real
+    # servers on its addresses, as transportd's lzc0 does
+    box_tun = Tun.open("lzb0")
+    await loop.run_in_executor(  # pyroute2's sync API: not on the loop's thread
+        None, lambda: box_tun.configure([box_ip, web_ip], routes=[IPv6Network(f"{me}/128")]))
+    box = PeerDriver(box_peer, gatherer=None, poll_interval=0,
+                     on_packet=lambda e: box_tun.write(e.packet))
+    await box.start()
+    box_tun.start(lambda p: box.send_packet(device_keys.public, p))
+    events = box.subscribe()
+    host, port = relay.addresses["udp"][0]
+    await box.add_relay("r1", (host, port))
+    servers = [await asyncio.start_server(http, str(web_ip), 80),
+               await asyncio.start_server(echo, str(web_ip), 7)]
+    control = await ws_serve(lambda ws: ws.wait_closed(), str(box_ip), negotiation.CONTROL_PORT)
+    wall = int(time.time())
+    ticket = ticket_key.issue(wire.peer_id(box_keys.public), wire.peer_id(device_keys.public),
+                              wall + 3600, now_wall=wall)
+    config = ClientConfig(Path(sys.argv[1]))
+    config.write(config.key_file, __import__("base64").b64encode(device_keys.private) + b"\n")
+    records = {"mybox.heiyu.space": [box_ip], "web.mybox.heiyu.space": [web_ip]}
+    config.save_box(Paired("mybox", box_keys.public, me, [Relay("r1", host, port)],
+                           tickets=[ticket.encode()], records=records))
+    threads = threading.active_count()
+    before = snapshot()
+    stop = asyncio.Event()
+    up = loop.create_task(run_up(config, mode="proxy", proxy_listen=("127.0.0.1", 0),
+                                 stop=stop, gatherer=None))
+    await events.wait_for(lambda e: isinstance(e, Connected), 10)
+    for _ in range(50):
+        state = config.load_state()
+        if state and state.get("proxy"):
+            break
+        await asyncio.sleep(0.1)
+    proxy_port = int(state["proxy"].rsplit(":", 1)[1])
+    started = loop.time()
+    raw = await ask(proxy_port, b"GET http://web.mybox.heiyu.space/hi HTTP/1.1\r\nHost: x\r\n\r\n")
+    out["http_ms"] = round((loop.time() - started) * 1000, 1)
+    out["http"] = [raw.split(b"\r\n")[0].decode(), json.loads(raw.partition(b"\r\n\r\n")[2])]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(b"CONNECT web.mybox.heiyu.space:7 HTTP/1.1\r\n\r\n")
+    out["connect"] = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+    blob = os.urandom(200_000)
+    writer.write(blob); writer.write_eof()
+    out["echo_exact"] = await asyncio.wait_for(reader.read(-1), 20) == blob
+    writer.close()
+    out["refused"] = (await ask(proxy_port, b"CONNECT web.mybox.heiyu.space:9 HTTP/1.1\r\n\r\n")
+                      ).split(b"\r\n")[0].decode()
+    out["unknown"] = (await ask(proxy_port, b"CONNECT nope.mybox.heiyu.space:80 HTTP/1.1\r\n\r\n")
+                      ).split(b"\r\n")[0].decode()
+    out["outside"] = (await ask(proxy_port, b"GET http://example.com/ HTTP/1.1\r\n\r\n")
+                      ).split(b"\r\n")[0].decode()
+    if shutil.which("curl"):
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", "10", "--proxytunnel", "--proxy",
+            f"http://127.0.0.1:{proxy_port}", "http://web.mybox.heiyu.space/curl",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await curl.communicate()
+        out["curl"] = json.loads(stdout)["line"] if curl.returncode == 0 else stderr.decode()
+    # the box renames things: the proxy knows at once
+    new = negotiation.Config(records={"mybox.heiyu.space": [str(box_ip)],
+                                      "new.mybox.heiyu.space": [str(web_ip)]})
+    box.send_frame(device_keys.public, wire.Control(
+        negotiation.CONFIG_CHANNEL, json.dumps(negotiation.config_message(new)).encode()))
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if "new.mybox.heiyu.space" in json.loads(config.box_file.read_text())["records"]:
+            break
+    raw = await ask(proxy_port, b"GET http://new.mybox.heiyu.space/x HTTP/1.1\r\n\r\n")
+    out["renamed"] = raw.split(b"\r\n")[0].decode()
+    await asyncio.sleep(1.2)
+    state = config.load_state()
+    out["state"] = {k: state.get(k) for k in ("mode", "proxy", "connected", "control", "netns")}
+    out["during"] = snapshot() == before
+    stop.set()
+    await asyncio.wait_for(up, 10)
+    out["after"] = snapshot() == before
+    out["threads"] = threading.active_count() - threads
+    out["files_after"] = sorted(p.name for p in config.path.iterdir())
+    control.close()
+    for server in servers:
+        server.close()
+    box_tun.close()
+    await box.close(); await relay.stop()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_up_in_proxy_mode_serves_the_box_and_leaves_the_host_alone(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    missing = None
+    if os.geteuid() != 0:
+        missing = "not root (network namespaces and /dev/net/tun need it)"
+    elif shutil.which("ip") is None:
+        missing = "ip not installed (Debian: iproute2)"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the proxy mode namespace test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    ns = f"lzcp{os.getpid()}"
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", PROXY_CHILD, str(tmp_path / "cfg")],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["http"] == ["HTTP/1.1 200 OK", {"line": "GET /hi HTTP/1.1"}]
+    assert out["connect"] == "HTTP/1.1 200 Connection established\r\n\r\n"
+    assert out["echo_exact"] is True
+    assert out["refused"] == "HTTP/1.1 502 Bad Gateway"
+    assert out["unknown"] == "HTTP/1.1 404 Not Found"
+    assert out["outside"] == "HTTP/1.1 403 Forbidden"
+    assert out.get("curl", "GET /curl HTTP/1.1") == "GET /curl HTTP/1.1"
+    assert out["renamed"] == "HTTP/1.1 200 OK"
+    assert out["state"] == {
+        "mode": "proxy",
+        "proxy": out["state"]["proxy"],
+        "connected": True,
+        "control": "open",  # the control socket too is dialled from the private namespace
+        "netns": "private",
+    }
+    assert out["state"]["proxy"].startswith("127.0.0.1:")
+    assert out["during"] is True and out["after"] is True
+    assert out["threads"] == 0
     assert out["files_after"] == ["box.json", "device.key"]
