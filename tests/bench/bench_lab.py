@@ -17,9 +17,17 @@ one clock: the same machine), so polling adds nothing to them:
    NAT3 and the box with a public address: the plain lab path, wireguard-go between the same
    two hosts, our tunnel direct, our tunnel relayed (direct path dropped);
 5. console push: the box's ``path changed`` log line -> the device's dot changing colour in
-   Chromium (a MutationObserver's ``Date.now()``), over every colour change of parts 1-2.
+   Chromium (a MutationObserver's ``Date.now()``), over every colour change of parts 1-2;
+6. services: an IPv4-only "VM" on the box's LAN exposed as ``devvm`` (all ports, carried by the
+   box's forwarder), a NAT3 client on the direct path. TCP throughput client -> VM beside client
+   -> the box itself, interleaved in one run; connection set-up to ``devvm.<box>.heiyu.space``
+   by name (resolver, tunnel, forwarder, VM) in TUN mode and through proxy mode's CONNECT; the
+   time from the owner's save (just before the action; its commit follows inside it) until
+   access is granted (the device's first successful connect) or revoked (its open connection
+   closed).
 
     .venv/bin/python tests/bench/bench_lab.py [--runs 20] [--cycles 5] [--repeats 3]
+    .venv/bin/python tests/bench/bench_lab.py --only services
 
 Needs root (namespaces), nftables, /dev/net/tun, iperf3, wireguard-go, chromium: ``make test``
 installs them. Every process is started through the lab and killed by PID; every wait has a
@@ -39,6 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +56,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bench.machine import describe  # noqa: E402
 from tests.browser import CHROMIUM_ARGS, chromium_in_namespace  # noqa: E402
-from tests.natlab.lab import PYTHON, RELAY_IPS, Lab, check_available  # noqa: E402
+from tests.natlab.lab import PYTHON, RELAY_IPS, SVCPROBE, Lab, check_available  # noqa: E402
 from tests.natlab.labbox import OWNER, PASSWORD, LabBox, LabClient  # noqa: E402
 from tests.natlab.throughput import WireguardGo, tcp_throughput  # noqa: E402
+from transport.addressing import RESOLVER  # noqa: E402
 
 RELAY_PORT = 3480
 ECHO_PORT = 8090
@@ -152,6 +162,7 @@ class Bench:
         self.work = work
         self.relay_ip = RELAY_IPS[0]
         self.relays = f"home={self.relay_ip}:{RELAY_PORT}"
+        self.addresses: dict[str, IPv6Address] = {}  # each device's overlay address
 
     def relay(self) -> None:
         out = (self.work / "relay.log").open("w")
@@ -191,20 +202,9 @@ class Bench:
         host.ipv6_stack_on()
         client = LabClient(host, self.work / name)
         client.start_pair(box.pairing_code(), timeout=60)
-        box.approve_pending(30)
+        self.addresses[name] = box.approve_pending(30)
         client.wait_paired(30)
         return client, place
-
-    def down(self, client: LabClient) -> None:
-        proc = client.up_proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        client.up_proc = None
 
 
 def box_overlay(box: LabBox) -> str:
@@ -228,7 +228,7 @@ def part_up(bench: Bench, client: LabClient, runs: int, want: str) -> tuple[list
         assert relay is not None, "the relay came first in every run"
         to_relay.append(float(relay["since_up"]))
         to_direct.append(float(direct["since_up"]))
-        bench.down(client)
+        client.stop_up()
         time.sleep(0.5)
     return to_relay, to_direct
 
@@ -278,7 +278,7 @@ def part_failover(
     received = json.loads(
         wait_for("receiver result", lambda: receiver_log.read_text().splitlines()[-1:], 10)[0]
     )
-    bench.down(client)
+    client.stop_up()
     return {
         "failover": failover,
         "recovery": recovery,
@@ -312,7 +312,7 @@ def part_throughput(bench: Bench, repeats: int, seconds: float) -> dict[str, lis
             raise SystemExit(f"{exc}\n{client.tail('up', n=3000)}") from None
     # wireguard-go last, with `up` stopped: its interface's address would otherwise become
     # a LAN candidate, and our tunnel would (rightly) take that path through it
-    bench.down(client)
+    client.stop_up()
     with WireguardGo(box.host, client.host, box_ip) as wg:
         for _ in range(repeats):
             figures["wireguard-go"].append(
@@ -320,6 +320,103 @@ def part_throughput(bench: Bench, repeats: int, seconds: float) -> dict[str, lis
             )
     box.stop()
     return figures
+
+
+def probe(host: Any, *args: str, timeout: float = 30) -> dict[str, Any]:
+    """``svcprobe.py ARGS`` in ``host``'s namespace: its JSON line."""
+    proc = host.run([PYTHON, str(SVCPROBE), *args], check=False, timeout=timeout)
+    try:
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SystemExit(f"svcprobe {args}: {proc.stdout}{proc.stderr}") from None
+    return result
+
+
+def part_services(bench: Bench, runs: int, repeats: int, seconds: float) -> dict[str, list[float]]:
+    box, site = bench.box("sbox", "NAT3")
+    vm = site.add_host("vm", ipv6=False)
+    www = bench.work / "www"
+    www.mkdir()
+    vm.popen([PYTHON, str(SVCPROBE), "serve", "--http", str(www)])
+    client, _ = bench.device(box, "sphone", "NAT3")
+    client.host.use_resolver(str(RESOLVER))
+    # a second device, so that "only the other one" is a valid access list (the console's form
+    # refuses a service nobody may reach)
+    bench.device(box, "sother", "NAT3")
+    device, other = bench.addresses["sphone"], bench.addresses["sother"]
+    vm_ip, name = vm.ip or "", "devvm.labbox.heiyu.space"
+    _, service = box.expose("devvm", "vm", vm_ip, "all")
+    client.up()
+    wait_for("direct path", lambda: path_line(client, ("direct-v4",)), 15)
+    wait_for("devvm", lambda: probe(client.host, "connect", "--to", name, "--port", "7")["ok"], 15)
+    overlay = box_overlay(box)
+    figures: dict[str, list[float]] = {
+        k: [] for k in ("vm", "box", "tun", "proxy", "grant", "revoke")
+    }
+    for _ in range(repeats):
+        figures["box"].append(tcp_throughput(client.host, box.host, overlay, seconds=seconds))
+        figures["vm"].append(
+            tcp_throughput(client.host, vm, str(service), seconds=seconds, server_family=4)
+        )
+    for _ in range(runs):
+        figures["tun"].append(probe(client.host, "connect", "--to", name, "--port", "7")["seconds"])
+    for _ in range(max(3, runs // 4)):
+        box.expose("devvm", "vm", vm_ip, "all", [other])
+        time.sleep(0.5)
+        until = client.host.popen(
+            [PYTHON, str(SVCPROBE), "until", "--to", str(service), "--port", "7", "--within", "10"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.3)
+        saved, _ = box.expose("devvm", "vm", vm_ip, "all", [other, device])
+        out, _ = until.communicate(timeout=20)
+        reached = json.loads(out.strip().splitlines()[-1])
+        if not reached["ok"]:
+            raise SystemExit(f"access never granted: {reached}\n{box.tail()}")
+        figures["grant"].append(reached["at"] - saved)
+        watch = client.host.popen(
+            [PYTHON, str(SVCPROBE), "watch", "--to", str(service), "--port", "7", "--within", "10"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert watch.stdout is not None
+        json.loads(watch.stdout.readline())  # connected
+        saved, _ = box.expose("devvm", "vm", vm_ip, "all", [other])
+        out, _ = watch.communicate(timeout=20)
+        closed = json.loads(out.strip().splitlines()[-1])
+        if not closed.get("closed"):
+            raise SystemExit(f"open connection survived the revocation: {closed}\n{box.tail()}")
+        figures["revoke"].append(closed["at"] - saved)
+    box.expose("devvm", "vm", vm_ip, "all")
+    client.stop_up()
+    client.up(mode="proxy")
+    wait_for(
+        "proxy", lambda: probe(client.host, "via-proxy", "--to", name, "--port", "7")["ok"], 20
+    )
+    for _ in range(runs):
+        figures["proxy"].append(
+            probe(client.host, "via-proxy", "--to", name, "--port", "7")["seconds"]
+        )
+    box.stop()
+    return figures
+
+
+def report_services(f: dict[str, list[float]]) -> None:
+    box, vm = statistics.median(f["box"]), statistics.median(f["vm"])
+    emit(
+        f"{'TCP throughput client -> box (tunnel)':<44} median {box:8.0f} Mbit/s  "
+        f"({', '.join(f'{v:.0f}' for v in f['box'])})",
+        f"{'TCP throughput client -> VM (forwarded)':<44} median {vm:8.0f} Mbit/s  "
+        f"({', '.join(f'{v:.0f}' for v in f['vm'])})  x{vm / box:.2f} of the tunnel to the box"
+        "   target >= 0.8",
+        summary("connect by name, TUN mode", [v * 1000 for v in f["tun"]], "ms"),
+        summary("connect by name, proxy mode (CONNECT)", [v * 1000 for v in f["proxy"]], "ms"),
+        summary("access granted: save -> connects", [v * 1000 for v in f["grant"]], "ms",
+                "<= 1000"),
+        summary("access revoked: save -> connection cut", [v * 1000 for v in f["revoke"]], "ms",
+                "<= 1000"),
+    )  # fmt: skip
 
 
 def watch_console(box: LabBox, work: Path):  # type: ignore[no-untyped-def]
@@ -396,7 +493,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--only", choices=("throughput",), help="run just that part")
+    parser.add_argument("--only", choices=("throughput", "services"), help="run just that part")
     args = parser.parse_args()
     reason = check_available()
     for tool in ("iperf3", "wireguard-go", "wg", "chromium"):
@@ -413,6 +510,9 @@ def main() -> int:
             bench.relay()
             if args.only == "throughput":
                 report_throughput(part_throughput(bench, args.repeats, args.seconds))
+                return 0
+            if args.only == "services":
+                report_services(part_services(bench, args.runs, args.repeats, args.seconds))
                 return 0
 
             # 1, 2, 5: NAT3 box, NAT3 device, the console open in Chromium
@@ -451,6 +551,9 @@ def main() -> int:
 
             # 4: throughput
             report_throughput(part_throughput(bench, args.repeats, args.seconds))
+
+            # 6: services
+            report_services(part_services(bench, args.runs, args.repeats, args.seconds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

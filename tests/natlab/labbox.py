@@ -319,8 +319,9 @@ class LabBox:
     ) -> tuple[float, IPv6Address]:
         """Create or change service ``name`` as the console's edit page does (``ServiceForm``
         and ``do_save_service``): everyone may reach it, or only the devices with the overlay
-        addresses ``allowed``. Returns the wall-clock time the change was committed (and
-        announced to transportd) and the service's overlay address."""
+        addresses ``allowed``. Returns the wall-clock time just before the save (its commit and
+        the announcement to transportd happen inside that call, so a time measured from it is
+        an upper bound) and the service's overlay address."""
         spec = {
             "name": name,
             "kind": kind,
@@ -347,8 +348,10 @@ class LabBox:
             form = ServiceForm(data, instance=Service.objects.filter(name=spec["name"]).first())
             if not form.is_valid():
                 sys.exit(f"form errors: {form.errors.as_json()}")
-            service = do_save_service(form, get_user_model().objects.get(username=sys.argv[2]))
-            print(time.time(), service.overlay_address)
+            owner = get_user_model().objects.get(username=sys.argv[2])
+            saving = time.time()
+            service = do_save_service(form, owner)
+            print(saving, service.overlay_address)
             """,
             json.dumps(spec),
             OWNER,

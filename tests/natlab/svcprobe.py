@@ -68,8 +68,11 @@ def serve(http_dir: str) -> None:
 
     def echo_tcp(conn: socket.socket) -> None:
         with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:  # reset: the box cut the connection (a revoked device)
+                pass
 
     def accept() -> None:
         while True:

@@ -83,9 +83,9 @@ class World:
     ) -> float:
         """``LabBox.expose`` with device names."""
         chosen = None if allowed is None else [self.addresses[w] for w in allowed]
-        committed, address = self.box.expose(name, kind, target, ports, chosen)
+        saved, address = self.box.expose(name, kind, target, ports, chosen)
         self.services[name] = address
-        return committed, address
+        return saved, address
 
 
 def _start_ready(host: Host, args: list[str], log: Path, text: str = "ready") -> None:
