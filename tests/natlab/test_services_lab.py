@@ -349,6 +349,27 @@ with socket.create_connection(("127.0.0.1", 31085), timeout=10) as s:
 """
 
 
+def _users_of(world: World, service: str, expect: str, within: float = 5) -> list[str]:
+    """The devices the console lists as using ``service`` (the cache transportd's reports
+    fill), as soon as ``expect`` is among them or after ``within`` seconds."""
+    out = world.box.django(
+        """
+        import json, time
+        from lazycat.services.live import current_usage
+        deadline = time.monotonic() + float(sys.argv[3])
+        while sys.argv[2] not in (users := current_usage().get(sys.argv[1], [])):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        print(json.dumps(users))
+        """,
+        service,
+        expect,
+        str(within),
+    )
+    return list(json.loads(out.strip().splitlines()[-1]))
+
+
 class Holder:
     """A device holding one TCP connection to the VM's echo (``svcprobe.py hold``)."""
 
@@ -400,6 +421,9 @@ def test_access_to_the_vm_follows_the_owner_within_a_second(world: World) -> Non
     guest: Holder | None = None
     try:
         assert holder.say("before") == {"echo": "before"}
+        # the console's "in use by": transportd reports the phone's open connection
+        users = _users_of(world, vm, str(world.addresses["phone"]))
+        assert str(world.addresses["phone"]) in users, users
         # the owner allows the guest: it connects within a second of the commit
         waiting = world.hosts["guest"].popen(
             [PYTHON, str(SVCPROBE), "until", "--to", vm, "--port", "7", "--within", "10"],
