@@ -231,8 +231,11 @@ class Host(Node):
         ``/etc/netns/<ns>/resolv.conf`` over ``/etc/resolv.conf`` (the lab removes it)."""
         if not Path("/etc/resolv.conf").exists():
             raise LabError("/etc/resolv.conf is missing: ip netns exec has nothing to mount over")
+        if not NETNS_ETC.exists():
+            NETNS_ETC.mkdir(mode=0o755)
+            self.lab.made_netns_etc = True  # the lab removes it again when it closes
         directory = NETNS_ETC / self.ns
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(exist_ok=True)
         (directory / "resolv.conf").write_text(f"nameserver {address}\n")
 
     def addr(self, port: int, family: int = 4) -> str:
@@ -514,6 +517,7 @@ class Lab:
         self._public_next = 30
         self._blocking: set[str] = set()
         self._dirs: list[str] = []  # miniupnpd's configuration and leases
+        self.made_netns_etc = False  # Host.use_resolver made /etc/netns
         self._start_stun = start_stun
         self.manifest = Path(f"/tmp/natlab-{self.pid}.json")  # noqa: S108 - root-owned lab list
         self.internet: Node
@@ -1025,6 +1029,9 @@ class Lab:
                 self.manifest.unlink()
         for tmp in self._dirs:
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.made_netns_etc:
+            with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+                NETNS_ETC.rmdir()
         if problems:
             raise LabError("; ".join(problems))
 
@@ -1063,6 +1070,7 @@ def cleanup(pid: int) -> list[str]:
         except OSError:
             continue
     for ns in names:
+        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         _run(["ip", "netns", "del", ns], check=False)
     for tmp in listed.get("dirs", []):
         shutil.rmtree(tmp, ignore_errors=True)

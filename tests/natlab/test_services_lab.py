@@ -266,6 +266,31 @@ def test_store_and_developer_apps_on_the_box_are_reachable_by_name(world: World,
     assert refused["ok"] is False and refused["error"] == "refused", refused
 
 
+def test_the_console_checked_each_target_from_the_box(world: World) -> None:
+    """Saving a service made the box check its target at once (a Celery task on the real
+    worker): the VM's sshd and HTTP answer, and so do the two apps on the box."""
+    out = world.box.django(
+        """
+        import json, time
+        from lazycat.services.models import Service
+        deadline = time.monotonic() + 20
+        while Service.objects.filter(check_state__in=("", "checking")).exists():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        rows = Service.objects.values_list("name", "check_state", "check_summary")
+        print(json.dumps({name: [state, summary] for name, state, summary in rows}))
+        """
+    )
+    checks = json.loads(out.strip().splitlines()[-1])
+    assert {name: state for name, (state, _) in checks.items()} == {
+        "devvm": "ok",
+        "notes": "ok",
+        "api": "ok",
+    }, checks
+    assert "22" in checks["devvm"][1] and "80" in checks["devvm"][1], checks
+
+
 def _snapshot(host: Host) -> dict[str, str]:
     """What proxy mode must not change: routes, addresses, links, the resolver."""
     commands = {
