@@ -35,6 +35,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 
 from transport.exposure import Exposure, ExposureError, revoked, ruleset, uses_nat66
 from transport.forwarder_aio import Forwarder
@@ -169,24 +170,33 @@ class KernelExposure:
         try:
             with IPRoute() as ipr:
                 if not self._rule_present(ipr):
-                    ipr.rule(
-                        "add",
-                        family=socket.AF_INET6,
-                        fwmark=self.mark,
-                        table=self.route_table,
-                        priority=RULE_PRIORITY,
-                    )
-                ipr.route(
-                    "replace",
-                    family=socket.AF_INET6,
-                    dst="::/0",
-                    type="local",
-                    oif=ipr.link_lookup(ifname="lo")[0],
-                    table=self.route_table,
-                )
+                    self._rule(ipr, "add")
+                self._local_route(ipr, "replace")
         except (NetlinkError, OSError, IndexError) as exc:
             raise ExposureError(f"cannot add the TPROXY policy route: {exc}") from exc
         self._routing = True
+
+    def _rule(self, ipr: Any, action: str) -> None:
+        """``ip -6 rule <action> fwmark <mark> lookup <route_table>``."""
+        ipr.rule(
+            action,
+            family=socket.AF_INET6,
+            fwmark=self.mark,
+            table=self.route_table,
+            priority=RULE_PRIORITY,
+        )
+
+    def _local_route(self, ipr: Any, action: str) -> None:
+        """``ip -6 route <action> local ::/0 dev lo table <route_table>``: every marked packet
+        is delivered locally, to the forwarder's transparent socket."""
+        ipr.route(
+            action,
+            family=socket.AF_INET6,
+            dst="::/0",
+            type="local",
+            oif=ipr.link_lookup(ifname="lo")[0],
+            table=self.route_table,
+        )
 
     def _rule_present(self, ipr: object) -> bool:
         for rule in ipr.get_rules(family=socket.AF_INET6):  # type: ignore[attr-defined]
@@ -203,22 +213,9 @@ class KernelExposure:
         try:
             with IPRoute() as ipr:
                 while self._rule_present(ipr):
-                    ipr.rule(
-                        "del",
-                        family=socket.AF_INET6,
-                        fwmark=self.mark,
-                        table=self.route_table,
-                        priority=RULE_PRIORITY,
-                    )
+                    self._rule(ipr, "del")
                 with contextlib.suppress(NetlinkError):  # already gone
-                    ipr.route(
-                        "del",
-                        family=socket.AF_INET6,
-                        dst="::/0",
-                        type="local",
-                        oif=ipr.link_lookup(ifname="lo")[0],
-                        table=self.route_table,
-                    )
+                    self._local_route(ipr, "del")
         except (NetlinkError, OSError, IndexError) as exc:
             raise ExposureError(f"cannot remove the TPROXY policy route: {exc}") from exc
         self._routing = False

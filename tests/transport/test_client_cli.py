@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,6 +278,7 @@ UP_CHILD = r"""
 import asyncio, json, socket, struct, sys, time
 from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 import dns.message
 from pyroute2 import IPRoute
 from transport import wire
@@ -366,7 +368,12 @@ asyncio.run(main())
 """
 
 
-def test_up_in_a_namespace_tunnels_packets_and_answers_names(tmp_path: Path) -> None:
+def run_child_in_namespace(
+    tag: str, child: str, config_dir: Path, timeout: float
+) -> dict[str, Any]:
+    """Run ``child`` (a Python script given ``config_dir``) in a network namespace of its own,
+    deleted by name afterwards; its last stdout line, parsed as JSON. Needs root (skipped
+    without it, failing under CI)."""
     import shutil
     import subprocess
     import sys
@@ -378,25 +385,30 @@ def test_up_in_a_namespace_tunnels_packets_and_answers_names(tmp_path: Path) -> 
         missing = "ip not installed (Debian: iproute2)"
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"the client namespace test cannot run in CI: {missing}")
+            pytest.fail(f"the client's namespace tests cannot run in CI: {missing}")
         pytest.skip(missing)
-    ns = f"lzcu{os.getpid()}"
+    ns = f"{tag}{os.getpid()}"
     repo = Path(__file__).resolve().parents[2]
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
         result = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", UP_CHILD, str(tmp_path / "cfg")],
+            ["ip", "netns", "exec", ns, sys.executable, "-c", child, str(config_dir)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
             cwd=repo,
             env={**os.environ, "PYTHONPATH": str(repo)},
         )
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_up_in_a_namespace_tunnels_packets_and_answers_names(tmp_path: Path) -> None:
+    out = run_child_in_namespace("lzcu", UP_CHILD, tmp_path / "cfg", timeout=60)
     box_got = out["box_got"]
     assert box_got["payload"] == "hello box" and box_got["dst"].endswith("::1")
     assert out["device_got"] == {"payload": "hello device", "from": box_got["dst"]}
@@ -419,6 +431,7 @@ PROXY_CHILD = r"""
 import asyncio, json, os, shutil, socket, subprocess, sys, threading, time
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
+from typing import Any
 from websockets.asyncio.server import serve as ws_serve
 from transport import negotiation, wire
 from transport.addressing import box_address, box_prefix, device_address
@@ -557,36 +570,7 @@ asyncio.run(main())
 
 
 def test_up_in_proxy_mode_serves_the_box_and_leaves_the_host_alone(tmp_path: Path) -> None:
-    import shutil
-    import subprocess
-    import sys
-
-    missing = None
-    if os.geteuid() != 0:
-        missing = "not root (network namespaces and /dev/net/tun need it)"
-    elif shutil.which("ip") is None:
-        missing = "ip not installed (Debian: iproute2)"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the proxy mode namespace test cannot run in CI: {missing}")
-        pytest.skip(missing)
-    ns = f"lzcp{os.getpid()}"
-    repo = Path(__file__).resolve().parents[2]
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        result = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", PROXY_CHILD, str(tmp_path / "cfg")],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            cwd=repo,
-            env={**os.environ, "PYTHONPATH": str(repo)},
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_child_in_namespace("lzcp", PROXY_CHILD, tmp_path / "cfg", timeout=90)
     assert out["http"] == ["HTTP/1.1 200 OK", {"line": "GET /hi HTTP/1.1"}]
     assert out["connect"] == "HTTP/1.1 200 Connection established\r\n\r\n"
     assert out["echo_exact"] is True

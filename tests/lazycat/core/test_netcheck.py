@@ -15,6 +15,7 @@ from lazycat.celery import app as celery_app
 from lazycat.core import actions, tasks
 from lazycat.core.live import CONSOLE_GROUP
 from lazycat.core.models import BoxNetcheck
+from tests.broker import queued_task_names
 from tests.layer import Listener
 from transport.netcheck import (
     FamilyReport,
@@ -70,23 +71,6 @@ def canned_report(nat: NatType = NatType.NAT4, *, ipv6: bool = False) -> Netchec
         notes=(),
         duration=1.5,
     )
-
-
-def queued_task_names() -> list[str]:
-    """Take every message off the Celery queue (the real Redis broker) and name its task."""
-    names = []
-    with celery_app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("celery")
-        try:
-            while True:
-                try:
-                    message = queue.get(block=True, timeout=0.5)
-                except queue.Empty:
-                    return names
-                names.append(message.headers["task"])
-                message.ack()
-        finally:
-            queue.close()
 
 
 # --- the action ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from lazycat.core.live import CONSOLE_GROUP
 from lazycat.services import actions, reachability, tasks
 from lazycat.services.forms import ServiceForm
 from lazycat.services.models import CheckState, Service
+from tests.broker import queued_task_names
 from tests.layer import Listener
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -29,23 +30,6 @@ def listening() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         s.listen(16)
         yield s.getsockname()[1]
-
-
-def queued_task_names() -> list[str]:
-    """Take every message off the Celery queue (the real Redis broker) and name its task."""
-    names = []
-    with celery_app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("celery")
-        try:
-            while True:
-                try:
-                    message = queue.get(block=True, timeout=0.5)
-                except queue.Empty:
-                    return names
-                names.append(message.headers["task"])
-                message.ack()
-        finally:
-            queue.close()
 
 
 def save(owner, instance: Service | None = None, **changes: object) -> Service:
