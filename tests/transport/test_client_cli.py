@@ -373,20 +373,13 @@ def run_child_in_namespace(
 ) -> dict[str, Any]:
     """Run ``child`` (a Python script given ``config_dir``) in a network namespace of its own,
     deleted by name afterwards; its last stdout line, parsed as JSON. Needs root (skipped
-    without it, failing under CI)."""
-    import shutil
+    without it, failing as root or under CI)."""
     import subprocess
     import sys
 
-    missing = None
-    if os.geteuid() != 0:
-        missing = "not root (network namespaces and /dev/net/tun need it)"
-    elif shutil.which("ip") is None:
-        missing = "ip not installed (Debian: iproute2)"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the client's namespace tests cannot run in CI: {missing}")
-        pytest.skip(missing)
+    from tests.natlab.lab import lab_or_skip
+
+    lab_or_skip(tun=True)
     ns = f"{tag}{os.getpid()}"
     repo = Path(__file__).resolve().parents[2]
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.natlab.lab import lab_or_skip
 from transport.netns import NetnsError, PrivateNetns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,23 +42,9 @@ DEVICE = IPv6Address("fc03:1136:38ab:cdef:1::5")
 SERVICE = IPv6Address("fc03:1136:38ab:cdef::10")
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "not root (unshare(CLONE_NEWNET) and /dev/net/tun need it)"
-    if shutil.which("ip") is None:
-        return "ip not installed (Debian: iproute2)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing (modprobe tun)"
-    return None
-
-
 @pytest.fixture(autouse=True)
 def _root() -> None:
-    missing = _missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the private namespace tests cannot run in CI: {missing}")
-        pytest.skip(missing)
+    lab_or_skip(tun=True)  # root, `ip netns`, /dev/net/tun; fails as root or under CI
 
 
 def fds() -> set[str]:

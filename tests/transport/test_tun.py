@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.natlab.lab import lab_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
 NS = f"lzt{os.getpid()}"
@@ -96,23 +97,9 @@ print(json.dumps(out))
 """
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "not root (network namespaces and /dev/net/tun need it)"
-    if shutil.which("ip") is None:
-        return "ip not installed (Debian: iproute2)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing (modprobe tun)"
-    return None
-
-
 @pytest.fixture
 def netns() -> object:
-    missing = _missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the TUN namespace test cannot run in CI: {missing}")
-        pytest.skip(missing)
+    lab_or_skip(tun=True)  # root, `ip netns`, /dev/net/tun; fails as root or under CI
     subprocess.run(["ip", "netns", "add", NS], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True, timeout=10)
