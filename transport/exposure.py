@@ -176,9 +176,17 @@ def ruleset(
     table: str = "lazycat",
     tproxy_port: int,
     mark: int,
+    refuse_forwarder: bool = False,
+    refuse_nat66: bool = False,
 ) -> str:
     """The ``nft -f`` text that replaces ``table inet <table>`` with the state ``exposures``
-    describe, in one transaction. Raises :class:`ExposureError` on bad names or numbers."""
+    describe, in one transaction. Raises :class:`ExposureError` on bad names or numbers.
+
+    ``refuse_forwarder`` / ``refuse_nat66``: that path is broken (the forwarder cannot listen,
+    the policy route or the forwarding sysctl cannot be set), so its services are refused like a
+    device without access — a RST or admin-prohibited, never a hang — while access to the other
+    path is still enforced (fail closed). NAT66 flows are marked ``ct mark |= mark`` so that
+    conntrack can be asked for them alone (``CTA_MARK`` dump filter)."""
     if not _IFNAME.fullmatch(tun):
         raise ExposureError(f"{tun!r} is not an interface name")
     if not _TABLE.fullmatch(table):
@@ -231,15 +239,24 @@ def ruleset(
         f"\t\tip6 daddr != @services ip6 daddr {OVERLAY}"
         f" ip6 daddr & {_ROLE_MASK} == {_ROLE_SERVICE} goto svc_deny\n",
         "\t\tip6 daddr != @services return\n",
-        # ICMPv6 errors about an accepted flow (RFC 4443 sec. 2.4): conntrack links them to it.
-        "\t\tct state related ip6 daddr @nat66 accept\n",
-        f"\t\tct state related meta mark set {m} accept\n",
+        # Access first, for every packet, related ones too: conntrack relates an ICMPv6 error to
+        # the flow its payload quotes whoever sends it, so another device could otherwise push
+        # errors into a flow it has no access to.
         "\t\tip6 daddr . ip6 saddr != @access goto svc_deny\n",
+    ]
+    if refuse_nat66:
+        out.append("\t\tip6 daddr @nat66 goto svc_deny\n")
+    else:
+        # ICMPv6 errors about an accepted flow (RFC 4443 sec. 2.4): conntrack links them to it.
+        out.append("\t\tct state related ip6 daddr @nat66 accept\n")
+    if proxied and not refuse_forwarder:
+        out.append(f"\t\tct state related meta mark set {m} accept\n")
+    out += [
         "\t\tmeta l4proto != { tcp, udp } goto svc_deny\n",
         "\t\tip6 daddr . meta l4proto . th dport != @ports goto svc_deny\n",
         "\t\tip6 daddr @nat66 accept\n",
     ]
-    if proxied:
+    if proxied and not refuse_forwarder:
         # The mark routes the packet to the local stack (ip -6 rule fwmark -> local ::/0), where
         # the socket TPROXY chose receives it with its original destination address and port.
         # If no socket is listening, tproxy does not match and the packet falls to svc_deny.
@@ -261,7 +278,9 @@ def ruleset(
             "\tchain nat66_in {\n",
             "\t\ttype nat hook prerouting priority dstnat; policy accept;\n",
             # svc_pre let only allowed TCP/UDP through; the destination port is kept.
-            f"\t\t{iif} ip6 daddr @nat66 dnat ip6 to ip6 daddr map {{ {dnat_map} }}\n",
+            # The ct mark (other bits kept) lets flows() ask conntrack for these flows alone.
+            f"\t\t{iif} ip6 daddr @nat66 ct mark set ct mark or {m}"
+            f" dnat ip6 to ip6 daddr map {{ {dnat_map} }}\n",
             "\t}\n",
             "\tchain nat66_out {\n",
             "\t\ttype nat hook postrouting priority srcnat; policy accept;\n",

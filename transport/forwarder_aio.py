@@ -70,6 +70,8 @@ MAX_UDP_FLOWS = 4096
 UDP_READ_BURST = 64  # datagrams read per wakeup before yielding to the loop
 UDP_MAX = 65535
 CALL_TIMEOUT = 10.0  # how long a thread-safe call waits for the loop
+ACCEPT_BACKOFF = 0.1  # seconds between accept() attempts after repeated failures
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # sockaddr_in6: family (host order, unused), port, flowinfo, address, scope id
 _SOCKADDR_IN6 = struct.Struct("!HHI16sI")
@@ -348,15 +350,24 @@ class _State:
     # --- TCP -------------------------------------------------------------------------------
 
     async def accept_loop(self, listener: socket.socket) -> None:
+        """Accept until the listener is closed. Any other error is logged and the loop goes on:
+        Linux accept(2) passes a new connection's pending network errors through (ENETDOWN,
+        EPROTO, EHOSTUNREACH, ECONNABORTED, ...), and running out of descriptors or memory is
+        temporary; neither may stop the service for every later device."""
+        failures = 0
         while True:
             try:
                 conn, _peer = await self.loop.sock_accept(listener)
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("forwarder cannot accept: %s", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                raise
+                if listener.fileno() == -1:
+                    return  # closed: the forwarder is stopping
+                failures += 1
+                log.warning("forwarder cannot accept: %s", exc)
+                if failures > 1 or exc.errno in RESOURCE_ERRNOS:
+                    # Repeated or resource errors: do not spin; a lone one is a lost connection.
+                    await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            failures = 0
             task = self.loop.create_task(self.handle_tcp(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -526,6 +537,8 @@ class Forwarder:
 
     @property
     def running(self) -> bool:
+        """True while the thread and its accept loop live (the loop is stopped if the accept
+        task ever ends, so this never says True for a forwarder that cannot take connections)."""
         return self._thread is not None and self._thread.is_alive()
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:
@@ -548,7 +561,7 @@ class Forwarder:
                 sock.close()
             raise ExposureError(
                 "the forwarder needs CAP_NET_ADMIN for transparent sockets (IPV6_TRANSPARENT): "
-                f"run transportd as root or grant the capability ({exc})"
+                f"grant transportd the capability (AmbientCapabilities=) ({exc})"
             ) from exc
         except OSError as exc:
             for sock in made:
@@ -557,8 +570,11 @@ class Forwarder:
         return tcp, udp
 
     def start(self) -> None:
-        if self._thread is not None:
+        """Listen and start the thread. Idempotent while running; after the thread died (or a
+        failed start) it starts afresh. Raises :class:`ExposureError`."""
+        if self.running:
             return
+        self.close()  # what a dead thread left: its sockets
         tcp, udp = self._bind()
         self._sockets = [tcp, udp]
         loop = _new_loop()
@@ -570,6 +586,18 @@ class Forwarder:
             loop.add_reader(udp.fileno(), state.udp_ready, udp)
             accept = loop.create_task(state.accept_loop(tcp))
             sweep = loop.create_task(state.sweep())
+
+            def ended(task: asyncio.Task[None]) -> None:
+                # accept_loop only returns when the listener is closed; anything else is a bug.
+                # Stop the loop so that ``running`` turns False and the next start() retries.
+                if task.cancelled():
+                    return
+                exc = task.exception()
+                log.error("forwarder's accept loop ended: %r; stopping the forwarder", exc)
+                loop.stop()
+
+            accept.add_done_callback(ended)
+            sweep.add_done_callback(ended)
             loop.call_soon(ready.set)
             try:
                 loop.run_forever()
@@ -586,8 +614,15 @@ class Forwarder:
         self._loop, self._state = loop, state
         self._thread = threading.Thread(target=run, name=f"lazycat-forwarder-{self.port}")
         self._thread.daemon = True
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+            self._thread = None
+            self.close()
+            loop.close()
+            raise ExposureError(f"the forwarder's thread cannot start: {exc}") from exc
         if not ready.wait(CALL_TIMEOUT):
+            self.close()
             raise ExposureError("the forwarder's thread did not start")
 
     def _call(self, fn: Callable[[_State], T]) -> T:
@@ -599,8 +634,22 @@ class Forwarder:
             return fn(state)
 
         coro: Coroutine[Any, Any, T] = job()
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(CALL_TIMEOUT)
+        try:
+            future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+                coro, self._loop
+            )
+        except RuntimeError as exc:  # the loop closed since the check above
+            coro.close()
+            raise ExposureError(f"the forwarder stopped: {exc}") from exc
+        try:
+            return future.result(CALL_TIMEOUT)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise ExposureError(
+                f"the forwarder did not answer in {CALL_TIMEOUT} s (its loop is stuck)"
+            ) from exc
+        except concurrent.futures.CancelledError as exc:  # the loop stopped meanwhile
+            raise ExposureError("the forwarder stopped while asked") from exc
 
     def update(self, exposures: Sequence[Exposure]) -> None:
         """The services to carry from now on; flows of pairs that lost access, of removed
@@ -619,7 +668,8 @@ class Forwarder:
         """Reset every flow, stop the thread, close the listening sockets. Idempotent."""
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
-            loop.call_soon_threadsafe(loop.stop)
+            with contextlib.suppress(RuntimeError):  # the loop closed as the thread ended
+                loop.call_soon_threadsafe(loop.stop)
             thread.join(CALL_TIMEOUT)
         for sock in self._sockets:
             sock.close()

@@ -93,11 +93,27 @@ class ServiceForm(forms.ModelForm):
         address = ip_address(raw)
         if address.is_unspecified or address.is_multicast:
             raise forms.ValidationError(f"{raw} cannot be a service address.")
+        if address.version == 6 and address.is_link_local:
+            raise forms.ValidationError(
+                f"{raw} is link-local: it means nothing without an interface. Give the "
+                "target's global or unique-local IPv6 address, or its IPv4 address."
+            )
         if address.version == 6 and address in OVERLAY:
             raise forms.ValidationError(
                 f"{raw} is an overlay address; give the service's address on the box's LAN."
             )
         return str(address)
+
+    def _check_loopback_ports(self, data: dict[str, Any], policy: PortPolicy) -> None:
+        """A target on the box itself with every port would also expose every service that
+        listens only on the box's loopback (databases, admin sockets): name the app's ports."""
+        target = data.get("target")
+        if target and ip_address(target).is_loopback and policy.allow_text == "all":
+            self.add_error(
+                "ports",
+                f"{target} is the box itself: 'all' would also expose everything that listens "
+                "only on the box's loopback. List this app's ports, e.g. 'tcp 8080'.",
+            )
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -120,6 +136,7 @@ class ServiceForm(forms.ModelForm):
                     self.add_error("exclude_ports", str(exc))
                 else:
                     data["ports"], data["exclude_ports"] = policy.allow_text, policy.exclude_text
+                    self._check_loopback_ports(data, policy)
             except PortPolicyError as exc:
                 self.add_error("ports", str(exc))
         if data.get("access_all") is False and not data.get("allowed_devices"):

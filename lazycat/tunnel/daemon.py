@@ -469,21 +469,18 @@ class Transportd:
         self.tun = tun
 
     async def _start_services(self) -> None:
-        """Forwarding to the box's services (docs/forwarding.md); without it the tunnel still
-        works, the services are just not reachable, and the log says why."""
-        from transport.exposure import ExposureError
+        """Forwarding to the box's services (docs/forwarding.md). A failure (no CAP_NET_ADMIN,
+        no nft) is logged and retried on every change and resync; the tunnel works meanwhile."""
         from transport.exposure_linux import KernelExposure
 
-        services = ServiceExposure(
-            KernelExposure(tun=TUN_NAME, tproxy_port=settings.LAZYCAT_FORWARDER_PORT)
+        kernel = KernelExposure(
+            tun=TUN_NAME,
+            tproxy_port=settings.LAZYCAT_FORWARDER_PORT,
+            # the sysctls' values before we changed them: restored even after a crash
+            state_file=settings.DATA_DIR / "forwarding-sysctls.json",
         )
-        try:
-            await services.start()
-        except (ExposureError, OSError) as exc:
-            log.warning("services are not forwarded", extra={"reason": str(exc)})
-            await services.close()
-            return
-        self.services = services
+        self.services = ServiceExposure(kernel)
+        await self.services.start()
 
     async def _refresh_services(self, why: str) -> None:
         if self.services is not None:

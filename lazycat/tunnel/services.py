@@ -31,6 +31,7 @@ from asgiref.sync import sync_to_async
 
 from transport.exposure import Exposure, ExposureError, revoked
 from transport.exposure_linux import KernelExposure
+from transport.ports import PortPolicyError
 
 log = logging.getLogger("lazycat.transportd")
 
@@ -59,17 +60,22 @@ def load_exposures() -> list[Exposure]:
         else:
             chosen = (d.pk for d in service.allowed_devices.all())
             devices = frozenset(approved[pk] for pk in chosen if pk in approved)
-        policy = service.policy
-        exposures.append(
-            Exposure(
-                name=service.name,
-                address=IPv6Address(service.overlay_address),
-                target=ipaddress.ip_address(service.target),
-                tcp=tuple(policy.effective_ranges("tcp")),
-                udp=tuple(policy.effective_ranges("udp")),
-                devices=devices,
+        try:
+            policy = service.policy
+            exposures.append(
+                Exposure(
+                    name=service.name,
+                    address=IPv6Address(service.overlay_address),
+                    target=ipaddress.ip_address(service.target),
+                    tcp=tuple(policy.effective_ranges("tcp")),
+                    udp=tuple(policy.effective_ranges("udp")),
+                    devices=devices,
+                )
             )
-        )
+        except (ExposureError, PortPolicyError, ValueError) as exc:
+            # A row the form would refuse now (written by an older version, or by hand): that
+            # one service is not forwarded; every other one still is, and access still holds.
+            log.error("service not forwarded", extra={"service": service.name, "error": str(exc)})
     return exposures
 
 
@@ -97,7 +103,8 @@ class ServiceExposure:
         self.usage_interval = usage_interval
         self.current: list[Exposure] = []
         self.usage: Usage | None = None  # None: not reported yet (the first look always is)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one refresh at a time, and close waits for it
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -107,15 +114,21 @@ class ServiceExposure:
         )
 
     async def refresh(self, why: str) -> None:
-        """Make forwarding what the database says now."""
+        """Make forwarding what the database says now. Never raises: a failure is logged, and
+        the next refresh (a change, or the periodic resync) tries again with the whole state."""
         async with self._lock:
-            exposures = await sync_to_async(self.load)()
-            lost = revoked(self.current, exposures)
+            if self._closed:
+                return
             try:
+                exposures = await sync_to_async(self.load)()
                 await asyncio.get_running_loop().run_in_executor(None, self.kernel.apply, exposures)
             except ExposureError as exc:
                 log.error("forwarding not updated", extra={"why": why, "error": str(exc)})
                 return
+            except Exception:  # the database is away, a bug: transportd itself must go on
+                log.exception("forwarding not updated", extra={"why": why})
+                return
+            lost = revoked(self.current, exposures)
             self.current = exposures
             log.info(
                 "forwarding updated",
@@ -128,8 +141,11 @@ class ServiceExposure:
             await asyncio.sleep(self.usage_interval)
             try:
                 usage: Usage = await loop.run_in_executor(None, self.kernel.flows)
-            except (ExposureError, OSError) as exc:
+            except ExposureError as exc:
                 log.warning("flows unreadable", extra={"error": str(exc)})
+                continue
+            except Exception:
+                log.exception("flows unreadable")
                 continue
             usage = {s: d for s, d in usage.items() if d}
             if usage != self.usage:
@@ -141,12 +157,20 @@ class ServiceExposure:
                     self.usage = None
 
     async def close(self) -> None:
+        """Stop watching, wait for a refresh in progress, remove the forwarding, and tell the
+        console nobody uses anything any more (it would otherwise show the last picture)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        async with self._lock:
+            self._closed = True
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.kernel.close)
+            except ExposureError as exc:
+                log.error("forwarding not fully removed", extra={"error": str(exc)})
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.kernel.close)
-        except ExposureError as exc:
-            log.error("forwarding not fully removed", extra={"error": str(exc)})
+            await sync_to_async(self.on_usage)({})
+        except Exception:
+            log.exception("usage not cleared")

@@ -41,7 +41,7 @@ def page():
 
 def live(page: Page) -> None:
     """Wait until the page's browser socket is open (htmx's ws extension connected)."""
-    page.wait_for_function("window.__lazycatLive === true", timeout=10_000)
+    page.wait_for_function("() => window.__lazycatLive === true", timeout=10_000)
 
 
 def test_pair_approve_and_watch_path_change_live(stack: Stack, page: Page) -> None:

@@ -53,7 +53,7 @@ def target() -> Iterator[tuple[int, int]]:
 
 
 def live(page: Page) -> None:
-    page.wait_for_function("window.__lazycatLive === true", timeout=10_000)
+    page.wait_for_function("() => window.__lazycatLive === true", timeout=10_000)
 
 
 def test_service_row_turns_reachable_and_shows_usage_live(stack, browser_pages, target):

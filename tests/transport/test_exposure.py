@@ -193,3 +193,33 @@ def test_revoked_is_exactly_the_pairs_that_lost_a_port(
     if lost_port:
         expected |= {(S1, d) for d in old_devices}
     assert revoked([old], [new]) == expected
+
+
+def test_access_is_checked_before_related_icmp_is_let_through() -> None:
+    # Conntrack relates an ICMPv6 error to whatever flow it quotes, whoever sends it: a device
+    # without access must not get one into another device's flow.
+    pre = rules(make(), make(address=S2, target=V6)).split("chain svc_pre")[1].split("}")[0]
+    access = pre.index("ip6 daddr . ip6 saddr != @access goto svc_deny")
+    assert "ct state related" in pre
+    assert all(access < m.start() for m in re.finditer("ct state related", pre))
+
+
+def test_nat66_flows_carry_a_conntrack_mark() -> None:
+    text = rules(make(address=S2, target=V6))
+    nat_in = text.split("chain nat66_in")[1].split("}")[0]
+    assert "ip6 daddr @nat66 ct mark set ct mark or 0x1136 dnat ip6 to" in nat_in
+
+
+def test_a_broken_path_is_refused_not_left_open() -> None:
+    both = (make(), make(address=S2, target=V6))
+    no_fwd = ruleset(both, tun="lzc0", tproxy_port=7481, mark=0x1136, refuse_forwarder=True)
+    pre = no_fwd.split("chain svc_pre")[1].split("\t}")[0]
+    assert "tproxy" not in pre and "meta mark set" not in pre  # falls to the last rule:
+    assert pre.rstrip().endswith("goto svc_deny")
+    assert "ip6 daddr @nat66 accept" in pre  # the other path still works
+    no_nat = ruleset(both, tun="lzc0", tproxy_port=7481, mark=0x1136, refuse_nat66=True)
+    pre = no_nat.split("chain svc_pre")[1].split("\t}")[0]
+    refuse = pre.index("ip6 daddr @nat66 goto svc_deny")
+    assert pre.index("@access goto svc_deny") < refuse < pre.index("ip6 daddr @nat66 accept")
+    assert "ct state related ip6 daddr @nat66 accept" not in pre
+    assert "tproxy" in pre

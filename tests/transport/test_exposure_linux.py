@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import select
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -34,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.natlab.lab import lab_or_skip
+from transport import exposure_linux
 from transport.exposure import Exposure, ExposureError
 from transport.exposure_linux import KernelExposure
 
@@ -486,3 +489,181 @@ def test_a_bad_state_is_refused_before_anything_changes(kx: KernelExposure) -> N
     with pytest.raises(ExposureError, match="share the address"):
         kx.apply([svc(S4, T4, {D1}), svc(S4, T6, {D1})])
     assert "lazycat" not in sh("nft", "list", "tables")
+
+
+def test_a_forwarder_that_cannot_listen_fails_closed_and_is_retried(kx: KernelExposure) -> None:
+    state = [svc(S4, T4, {D1}), svc(S6, T6, {D1})]
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        taken.bind(("::", kx.tproxy_port))
+        taken.listen()
+        with pytest.raises(ExposureError, match=r"forwarder services refused.*cannot listen"):
+            kx.apply(state)
+        # The ruleset went in all the same: the forwarder's services are refused, not left to
+        # hang, and access to the NAT66 one is enforced.
+        assert "lazycat" in sh("nft", "list", "tables")
+        refused_tcp(D1, S4, 22)
+        with udp_from(D1, S4, 7) as sock:
+            sock.send(b"ping")
+            with pytest.raises(PermissionError):
+                sock.recv(1000)
+        with tcp_from(D1, S6, 22) as sock:
+            assert banner(sock).startswith("port 22")
+        refused_tcp(D2, S6, 22)
+    finally:
+        taken.close()
+    kx.apply(state)  # the next apply tries the forwarder again
+    with tcp_from(D1, S4, 22) as sock:
+        assert banner(sock) == "port 22 from 10.77.0.1\n"
+
+
+def _rules_of_ours() -> list[str]:
+    return [line for line in sh("ip", "-6", "rule", "list").splitlines() if "0x1136" in line]
+
+
+def test_start_removes_what_a_crashed_run_left(lab: None) -> None:
+    with netns("box"):
+        sh("nft", "add table inet lazycat; add chain inet lazycat stale")
+        sh("ip", "-6", "rule", "add", "fwmark", "0x1136", "lookup", "1136", "pref", "1136")
+        sh("ip", "-6", "rule", "add", "fwmark", "0x1136", "lookup", "1136", "pref", "2000")
+        sh("ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "1136")
+        k = KernelExposure()
+        try:
+            k.start()
+            assert "lazycat" not in sh("nft", "list", "tables")
+            assert _rules_of_ours() == []
+            assert sh("ip", "-6", "route", "show", "table", "all").count("table 1136") == 0
+            # And the first apply of a run that never called start() does it too.
+            sh("ip", "-6", "rule", "add", "fwmark", "0x1136", "lookup", "1136", "pref", "1136")
+            later = KernelExposure()
+            try:
+                later.apply([svc(S6, T6, {D1})])  # NAT66 only: no policy rule wanted
+                assert _rules_of_ours() == []
+            finally:
+                later.close()
+        finally:
+            k.close()
+
+
+def _sysctls() -> dict[str, str]:
+    names = ("all/forwarding", "default/forwarding", "lan0/forwarding", "lan0/accept_ra")
+    return {p: sysctl(p) for p in names}
+
+
+def test_a_crashed_runs_sysctls_are_put_back_from_the_state_file(lab: None, tmp_path: Path) -> None:
+    file = tmp_path / "forwarding-sysctls.json"
+    with netns("box"):
+        before = _sysctls()
+        crashed = KernelExposure(state_file=file)
+        try:
+            crashed.apply([svc(S6, T6, {D1})])
+            assert sysctl("all/forwarding") == "1" and sysctl("lan0/accept_ra") == "2"
+            assert stat.S_IMODE(file.stat().st_mode) == 0o600
+            saved = json.loads(file.read_text())["sysctls"]
+            assert saved["all/forwarding"] == "0" and saved["lan0/accept_ra"] == "1"
+            # The process dies here (no close()); the next run starts:
+            k = KernelExposure(state_file=file)
+            k.start()
+            assert _sysctls() == before
+            assert not file.exists()
+            assert "lazycat" not in sh("nft", "list", "tables")
+            k.close()
+        finally:
+            crashed.close()
+        assert _sysctls() == before
+
+
+def test_the_owners_forwarding_and_an_old_boots_state_file_are_left_alone(
+    lab: None, tmp_path: Path
+) -> None:
+    file = tmp_path / "forwarding-sysctls.json"
+    with netns("box"):
+        ns_sh("box", "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+        try:
+            k = KernelExposure(state_file=file)
+            try:
+                k.apply([svc(S6, T6, {D1})])
+                assert not file.exists()  # nothing of ours to put back
+            finally:
+                k.close()
+            assert sysctl("all/forwarding") == "1"
+            # A file from before a reboot: the reboot put the values back already.
+            file.write_text(json.dumps({"boot_id": "x", "sysctls": {"all/forwarding": "0"}}))
+            k = KernelExposure(state_file=file)
+            k.start()
+            k.close()
+            assert sysctl("all/forwarding") == "1" and not file.exists()
+        finally:
+            ns_sh("box", "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0")
+
+
+def test_close_during_apply_wins_and_leaves_nothing_behind(lab: None) -> None:
+    state = [svc(S4, T4, {D1}), svc(S6, T6, {D1})]
+    outcome: list[str] = []
+    applied = threading.Event()
+    with netns("box"):
+        k = KernelExposure()
+
+        def keep_applying() -> None:  # a thread made here lives in the box namespace too
+            for _ in range(100):
+                try:
+                    k.apply(state)
+                except ExposureError as exc:
+                    outcome.append(str(exc))
+                    return
+                applied.set()
+            outcome.append("never refused")
+
+        worker = threading.Thread(target=keep_applying)
+        worker.start()
+        try:
+            assert applied.wait(10)
+            k.close()
+            worker.join(30)
+            assert outcome and "closed" in outcome[0]
+            assert "lazycat" not in sh("nft", "list", "tables")
+            assert _rules_of_ours() == []
+            assert sysctl("all/forwarding") == "0"
+            with pytest.raises(ExposureError, match="closed"):
+                k.apply(state)
+            assert k.flows() == {} and k.forget_flows([(S6, D1)]) == 0
+        finally:
+            worker.join(30)
+            k.close()
+
+
+@pytest.mark.parametrize(
+    ("said", "message"),
+    [
+        ("Error: Could not process rule: Operation not permitted", "nft needs CAP_NET_ADMIN"),
+        ("Error: syntax error, unexpected junk", "nft refused the ruleset: Error: syntax error"),
+    ],
+)
+def test_nft_errors_show_what_nft_said(tmp_path: Path, said: str, message: str) -> None:
+    fake = tmp_path / "nft"  # an nft that only fails; nothing reaches the kernel
+    fake.write_text(f"#!/bin/sh\ncat >/dev/null\necho '{said}' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    k = KernelExposure(nft=str(fake))
+    with pytest.raises(ExposureError) as info:
+        k.start()
+    assert message in str(info.value)
+    assert ("CAP_NET_ADMIN" in str(info.value)) == ("not permitted" in said)
+    k.close()
+
+
+def test_an_interface_that_vanishes_while_forwarding_goes_on_is_skipped(
+    kx: KernelExposure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "conf"  # a stand-in for /proc/sys/net/ipv6/conf
+    for name in ("all", "default", "eth9"):
+        (conf / name).mkdir(parents=True)
+        (conf / name / "forwarding").write_text("0\n")
+        (conf / name / "accept_ra").write_text("1\n")
+    (conf / "gone0").mkdir()  # listed, but its files went with it before they were read
+    monkeypatch.setattr(exposure_linux, "CONF", conf)
+    kx.apply([svc(S6, T6, {D1})])
+    assert (conf / "all/forwarding").read_text().strip() == "1"
+    assert (conf / "eth9/accept_ra").read_text().strip() == "2"
+    kx.apply([])
+    assert (conf / "all/forwarding").read_text().strip() == "0"
+    assert (conf / "eth9/accept_ra").read_text().strip() == "1"

@@ -5,6 +5,9 @@ the kernel side set up by KernelExposure and a Forwarder built here with short t
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -24,9 +27,10 @@ from tests.transport.test_exposure_linux import (
     tcp_from,
     udp_from,
 )
+from transport import forwarder_aio
 from transport.exposure import ExposureError
 from transport.exposure_linux import KernelExposure
-from transport.forwarder_aio import Forwarder
+from transport.forwarder_aio import Forwarder, _State
 
 pytestmark = pytest.mark.natlab
 PORT = 7481
@@ -148,3 +152,48 @@ def test_close_resets_open_connections(lab: None) -> None:  # noqa: F811
     with sock, pytest.raises(ConnectionResetError):
         sock.settimeout(1.0)
         sock.recv(100)
+
+
+class FlakyLoop(asyncio.SelectorEventLoop):
+    """An event loop whose accept() fails with the given errors (as Linux accept(2) can, passing
+    a new connection's network error through), then finds the listener closed."""
+
+    def __init__(self, errors: list[OSError]) -> None:
+        super().__init__()
+        self.errors = errors
+        self.calls = 0
+
+    async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, object]:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        sock.close()  # the forwarder is stopping
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def test_the_accept_loop_outlives_any_accept_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder_aio, "ACCEPT_BACKOFF", 0.01)
+    codes = (errno.ENETDOWN, errno.EPROTO, errno.EHOSTUNREACH, errno.ECONNABORTED, errno.EMFILE)
+    loop = FlakyLoop([OSError(code, os.strerror(code)) for code in codes])
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        state = _State(loop, connect_timeout=1.0, udp_idle=1.0, max_udp_flows=1)
+        # It returns (the listener is closed) instead of dying on the first odd errno.
+        loop.run_until_complete(asyncio.wait_for(state.accept_loop(listener), 5.0))
+    finally:
+        listener.close()
+        loop.close()
+    assert loop.calls == len(codes) + 1 and not loop.errors
+
+
+def test_a_stuck_loop_is_an_exposure_error(
+    fwd: tuple[KernelExposure, Forwarder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _k, forwarder = fwd
+    monkeypatch.setattr(forwarder_aio, "CALL_TIMEOUT", 0.1)
+    assert forwarder._loop is not None
+    forwarder._loop.call_soon_threadsafe(time.sleep, 0.5)  # something hogs the loop
+    with pytest.raises(ExposureError, match="did not answer"):
+        forwarder.usage()
+    monkeypatch.undo()
+    assert forwarder.usage() == {}  # and it answers again once the loop is free

@@ -118,10 +118,28 @@ def test_target_must_be_an_ip_address(box, target, message):
             "fc03:1136:3800::5",
             "fc03:1136:3800::5 is an overlay address; give the service's address on the box's LAN.",
         ),
+        (
+            "fe80::1",
+            "fe80::1 is link-local: it means nothing without an interface. Give the target's "
+            "global or unique-local IPv6 address, or its IPv4 address.",
+        ),
     ],
 )
 def test_unusable_targets_are_refused(box, target, message):
     assert errors(target=target) == {"target": [message]}
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "::1"])
+def test_the_box_itself_needs_its_ports_listed(box, target):
+    assert errors(target=target, ports="all") == {
+        "ports": [
+            f"{target} is the box itself: 'all' would also expose everything that listens only "
+            "on the box's loopback. List this app's ports, e.g. 'tcp 8080'."
+        ]
+    }
+    assert errors(target=target, ports="", kind="vm")["ports"][0].startswith(target)
+    listed = form(target=target, ports="tcp 8080")
+    assert listed.is_valid(), listed.errors
 
 
 @pytest.mark.parametrize(

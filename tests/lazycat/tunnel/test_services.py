@@ -87,3 +87,12 @@ def test_exclusions_are_cut_out_of_the_ranges(box, owner):
     assert exposure.tcp == ((1, 24), (26, 65535))
     assert exposure.udp == ((1024, 65535),)
     assert exposure.devices == frozenset()
+
+
+def test_a_row_the_form_would_refuse_costs_only_that_service(box, owner):
+    """Written by hand or by an older version: a link-local target needs an interface scope the
+    model does not carry. That service is left out (and logged); the others are forwarded."""
+    service(box, "good", "192.168.1.50")
+    service(box, "scoped", "fe80::1")
+
+    assert [e.name for e in load_exposures()] == ["good"]
