@@ -302,6 +302,7 @@ class _State:
         self.tcp: set[_TcpConn] = set()
         self.udp: dict[tuple[IPv6Address, int, IPv6Address, int], _UdpFlow] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.warned: set[tuple[IPv6Address, int]] = set()  # (service, port) told once
         self.counters: dict[str, int] = {
             "tcp_accepted": 0,
             "tcp_denied": 0,
@@ -469,8 +470,20 @@ class _State:
             try:
                 flow = _UdpFlow(self, key, e.target, now)
             except OSError as exc:
-                log.info("forwarder: udp flow to %s:%d: %s", service, port, exc)
                 self.counters["udp_dropped"] += 1
+                if exc.errno == errno.EACCES and (service, port) not in self.warned:
+                    # answering from a port below 1024 needs CAP_NET_BIND_SERVICE: the owner
+                    # must hear of it once, not find a device timing out
+                    self.warned.add((service, port))
+                    log.warning(
+                        "forwarder: cannot answer udp from %s:%d: it needs CAP_NET_BIND_SERVICE"
+                        " (the systemd unit grants it; see docs/forwarding.md): %s",
+                        service,
+                        port,
+                        exc,
+                    )
+                else:
+                    log.info("forwarder: udp flow to %s:%d: %s", service, port, exc)
                 return
             self.udp[key] = flow
             self.counters["udp_flows_opened"] += 1
