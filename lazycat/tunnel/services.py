@@ -29,7 +29,7 @@ from ipaddress import IPv6Address
 
 from asgiref.sync import sync_to_async
 
-from transport.exposure import Exposure, ExposureError, revoked
+from transport.exposure import Exposure, ExposureError
 from transport.exposure_linux import KernelExposure
 from transport.ports import PortPolicyError
 
@@ -101,7 +101,6 @@ class ServiceExposure:
         self.load = load
         self.on_usage = on_usage
         self.usage_interval = usage_interval
-        self.current: list[Exposure] = []
         self.usage: Usage | None = None  # None: not reported yet (the first look always is)
         self._lock = asyncio.Lock()  # one refresh at a time, and close waits for it
         self._closed = False
@@ -128,12 +127,7 @@ class ServiceExposure:
             except Exception:  # the database is away, a bug: transportd itself must go on
                 log.exception("forwarding not updated", extra={"why": why})
                 return
-            lost = revoked(self.current, exposures)
-            self.current = exposures
-            log.info(
-                "forwarding updated",
-                extra={"why": why, "services": len(exposures), "revoked": len(lost)},
-            )
+            log.info("forwarding updated", extra={"why": why, "services": len(exposures)})
 
     async def _watch_usage(self) -> None:
         loop = asyncio.get_running_loop()
